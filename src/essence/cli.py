@@ -1,0 +1,165 @@
+"""The `essence` command: argument parsing only; the work lives in the package."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from essence.errors import EssenceError
+
+
+def _data_config(args: argparse.Namespace, **truncation):
+    from essence.data.pipeline import DataConfig
+    from essence.data.truncation import TruncationConfig
+
+    field_map = dict(pair.split("=", 1) for pair in args.field_map.split(",")) if args.field_map else {}
+    return DataConfig(
+        source=args.data, config=args.config, split=args.split, field_map=field_map,
+        limit=args.limit, on_error=args.on_error, chat_template=args.chat_template,
+        max_length=args.max_length, truncation=TruncationConfig(**truncation),
+    )
+
+
+def _data_profile(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from essence.data.inspect import print_profile, profile
+    from essence.data.truncation import TruncationConfig
+    from essence.loading import load_tokenizer
+
+    truncations = [TruncationConfig(lsp=x) for x in args.lsp]
+    truncations += [TruncationConfig(window=args.window, window_position=p)
+                    for p in args.window_position] if args.window else []
+    truncations += [TruncationConfig(max_tokens=k) for k in args.max_tokens]
+    truncations += [TruncationConfig(cot_lead=x) for x in args.cot_lead]
+    if args.cut_after_think:
+        truncations.append(TruncationConfig(cut_after_think=True))
+    report = profile(_data_config(args), load_tokenizer(args.tokenizer), truncations)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_profile(report, Console())
+    return 0
+
+
+def _data_show(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from essence.data.inspect import show
+    from essence.loading import load_tokenizer
+
+    truncation = {"lsp": args.lsp}
+    if args.window:
+        truncation = {"window": args.window, "window_position": args.window_position}
+    elif args.cot_lead is not None:
+        truncation = {"cot_lead": args.cot_lead}
+    elif args.cut_after_think:
+        truncation = {"cut_after_think": True}
+    show(_data_config(args, **truncation), load_tokenizer(args.tokenizer), args.index, Console())
+    return 0
+
+
+def _data_synth(args: argparse.Namespace) -> int:
+    from essence.data.synth import synth_command
+
+    written = synth_command(args.n, args.seed, args.out, (args.min_steps, args.max_steps),
+                            args.digits)
+    print(f"wrote {written} records to {args.out}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from essence.config import load_config
+    from essence.train import train
+
+    config = load_config(args.config, args.overrides)
+    train(config, out_dir=args.out, resume=args.resume)
+    return 0
+
+
+def _add_data_source(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data", help="a .jsonl/.json/.parquet file or a hub dataset name")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer folder or hub id")
+    parser.add_argument("--config", default=None, help="hub dataset configuration")
+    parser.add_argument("--split", default="train", help="hub dataset split")
+    parser.add_argument("--field-map", default="", help="other columns: prompt=q,cot=r,answer=a")
+    parser.add_argument("--limit", type=int, default=None, help="read at most N records")
+    parser.add_argument("--on-error", choices=("skip", "fail"), default="skip")
+    parser.add_argument("--chat-template", default=None,
+                        help="built-in name (chatml-think) or Jinja file; default: tokenizer's")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="records rendering longer than this are bad input")
+
+
+def _data_parsers(sub) -> None:
+    data = sub.add_parser("data", help="inspect, profile and generate training data")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+
+    prof = data_sub.add_parser("profile", help="token statistics and truncation savings")
+    _add_data_source(prof)
+    prof.add_argument("--lsp", type=float, action="append", default=[],
+                      help="a lead-span proportion to evaluate (repeatable)")
+    prof.add_argument("--window", type=float, default=None, help="a window proportion")
+    prof.add_argument("--window-position", action="append", default=None,
+                      choices=("left", "middle", "right"))
+    prof.add_argument("--max-tokens", type=int, action="append", default=[])
+    prof.add_argument("--cot-lead", type=float, action="append", default=[])
+    prof.add_argument("--cut-after-think", action="store_true")
+    prof.add_argument("--json", action="store_true", help="print one JSON object")
+    prof.set_defaults(func=_data_profile)
+
+    show = data_sub.add_parser("show", help="one rendered example, coloured by segment")
+    _add_data_source(show)
+    show.add_argument("--index", type=int, default=0, help="which valid record")
+    show.add_argument("--lsp", type=float, default=1.0)
+    show.add_argument("--window", type=float, default=None)
+    show.add_argument("--window-position", default="left", choices=("left", "middle", "right"))
+    show.add_argument("--cot-lead", type=float, default=None)
+    show.add_argument("--cut-after-think", action="store_true")
+    show.set_defaults(func=_data_show)
+
+    synth = data_sub.add_parser("synth", help="write the synthetic arithmetic reasoning task")
+    synth.add_argument("--n", type=int, default=1000)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--min-steps", type=int, default=2)
+    synth.add_argument("--max-steps", type=int, default=4)
+    synth.add_argument("--digits", type=int, default=2)
+    synth.add_argument("--out", required=True)
+    synth.set_defaults(func=_data_synth)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="essence", description="Efficient reasoning distillation by sequence truncation."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _data_parsers(sub)
+
+    train = sub.add_parser("train", help="distill a student (see configs/)")
+    train.add_argument("config", help="experiment YAML file")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
+    train.add_argument("--out", required=True, help="run directory")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train.set_defaults(func=_train)
+
+    from essence.eval.command import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EssenceError as err:
+        print(f"essence: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("essence: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

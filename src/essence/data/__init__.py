@@ -1,0 +1,1 @@
+"""Data core: records → rendered token spans → truncation → supervision masks → batches."""

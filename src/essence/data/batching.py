@@ -1,0 +1,111 @@
+"""Examples → length-grouped batches with little padding.
+
+One ``Batch`` type feeds training, validation and accounting alike. Batches are planned
+as lists of example indices, deterministic for a seed and epoch, so a resumed run can
+skip exactly the batches it already trained on.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+SEGMENT_PAD = 0
+
+
+@dataclass(frozen=True)
+class Example:
+    """One kept (truncated) sequence with its per-token segment ids and loss masks."""
+
+    record_id: str
+    input_ids: list[int]
+    segment_ids: list[int]
+    nll_mask: list[bool]
+    kd_mask: list[bool]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class Batch:
+    """A padded micro-batch. Masks mark target tokens (see data.supervision).
+
+    input_ids, attention_mask, segment_ids: [batch, seq] (segment 0 pad, 1 prompt, 2 cot,
+    3 answer); nll_mask, kd_mask: [batch, seq] bool; record_ids: one per row.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    nll_mask: torch.Tensor
+    kd_mask: torch.Tensor
+    segment_ids: torch.Tensor
+    record_ids: list[str]
+
+    @property
+    def tokens(self) -> int:
+        """Real (non-padding) tokens in the batch."""
+        return int(self.attention_mask.sum())
+
+    @property
+    def padding(self) -> int:
+        return self.attention_mask.numel() - self.tokens
+
+    def to(self, device) -> "Batch":
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(
+            move(self.input_ids), move(self.attention_mask), move(self.nll_mask),
+            move(self.kd_mask), move(self.segment_ids), self.record_ids,
+        )
+
+
+def collate(examples: list[Example], pad_id: int) -> Batch:
+    """Right-pad examples to the longest one of the group."""
+    width = max(len(e) for e in examples)
+    shape = (len(examples), width)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    attention = torch.zeros(shape, dtype=torch.long)
+    segments = torch.full(shape, SEGMENT_PAD, dtype=torch.long)
+    nll = torch.zeros(shape, dtype=torch.bool)
+    kd = torch.zeros(shape, dtype=torch.bool)
+    for row, example in enumerate(examples):
+        n = len(example)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        attention[row, :n] = 1
+        segments[row, :n] = torch.tensor(example.segment_ids)
+        nll[row, :n] = torch.tensor(example.nll_mask)
+        kd[row, :n] = torch.tensor(example.kd_mask)
+    return Batch(input_ids, attention, nll, kd, segments, [e.record_id for e in examples])
+
+
+def plan_batches(
+    lengths: list[int], batch_size: int, *, seed: int, epoch: int, shuffle: bool = True,
+    group_factor: int = 32,
+) -> list[list[int]]:
+    """Index lists of length-grouped batches for one epoch.
+
+    Examples are shuffled, cut into pools of ``group_factor`` batches, sorted by length
+    within each pool (so neighbours have similar lengths), split into batches, and the
+    batches shuffled again so training does not see lengths in order.
+    """
+    order = list(range(len(lengths)))
+    rng = random.Random(seed * 1_000_003 + epoch)
+    if shuffle:
+        rng.shuffle(order)
+    pool = batch_size * group_factor
+    batches: list[list[int]] = []
+    for start in range(0, len(order), pool):
+        chunk = sorted(order[start : start + pool], key=lambda i: lengths[i], reverse=True)
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    if shuffle:
+        rng.shuffle(batches)
+    return batches
+
+
+def padding_fraction(lengths: list[int], batches: list[list[int]]) -> float:
+    """Fraction of the padded tensor that is padding, over a batch plan."""
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    real = sum(lengths[i] for b in batches for i in b)
+    return 0.0 if padded == 0 else 1.0 - real / padded

@@ -1,0 +1,184 @@
+"""Render a record with the student's chat template and find exact P / CoT / A token spans.
+
+Segment ownership of the template's own tokens (one rule, used everywhere):
+
+- **prompt**: everything the model is given at inference time — the system turn, the user
+  turn and the assistant header (the text ``add_generation_prompt=True`` appends).
+- **cot**: from the opening ``<think>`` tag through the reasoning text, the closing
+  ``</think>`` tag and the blank line after it. The student must learn to open and close
+  its thinking, so those tags are CoT tokens.
+- **answer**: the answer text and every token after it (the end-of-turn ``<|im_end|>`` and
+  its newline), because the student must learn to stop.
+
+Spans come from character offsets of the rendered text (the tokenizer's offset mapping):
+a token belongs to the segment that contains its first character. No token-id pattern is
+ever searched for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+from essence.data.records import Record
+from essence.errors import EssenceError
+
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+BUILTIN_TEMPLATES = ("chatml-think",)
+DEFAULT_TEMPLATE = "chatml-think"
+
+
+@dataclass(frozen=True)
+class Spans:
+    """Token index ranges [start, end) of each segment of one rendered sequence."""
+
+    prompt: tuple[int, int]
+    cot: tuple[int, int]
+    answer: tuple[int, int]
+    think_end: int | None
+    """Token index just after the closing think tag (None when the template has none)."""
+
+    @property
+    def length(self) -> int:
+        return self.answer[1]
+
+    def segment_of(self, index: int) -> int:
+        """Segment id of token ``index``: 1 prompt, 2 cot, 3 answer."""
+        if index < self.prompt[1]:
+            return 1
+        if index < self.cot[1]:
+            return 2
+        return 3
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """One record rendered to token ids, with its segment spans and char offsets."""
+
+    record_id: str
+    input_ids: list[int]
+    spans: Spans
+    text: str
+    offsets: list[tuple[int, int]]
+
+
+def assistant_content(record: Record) -> str:
+    """The assistant turn as training text: a think block with the CoT, then the answer."""
+    return f"{THINK_OPEN}\n{record.cot}\n{THINK_CLOSE}\n\n{record.answer}"
+
+
+def messages_for(record: Record, *, with_answer: bool = True) -> list[dict]:
+    """Chat messages of a record: optional system, the user prompt, the assistant turn."""
+    messages = []
+    if record.system:
+        messages.append({"role": "system", "content": record.system})
+    messages.append({"role": "user", "content": record.prompt})
+    if with_answer:
+        messages.append({"role": "assistant", "content": assistant_content(record)})
+    return messages
+
+
+@lru_cache(maxsize=None)
+def _builtin_template(name: str) -> str:
+    return resources.files("essence").joinpath(f"templates/{name}.jinja").read_text()
+
+
+def resolve_template(tokenizer, chat_template: str | None) -> str:
+    """The Jinja chat template to use: a built-in name, a file path, or the tokenizer's own.
+
+    A tokenizer without a template gets the built-in ``chatml-think`` (ChatML turns, the
+    assistant content kept verbatim, so the think block survives).
+    """
+    if chat_template is None:
+        return tokenizer.chat_template or _builtin_template(DEFAULT_TEMPLATE)
+    if chat_template in BUILTIN_TEMPLATES:
+        return _builtin_template(chat_template)
+    path = Path(chat_template)
+    if not path.is_file():
+        raise EssenceError(
+            f"chat_template {chat_template!r} is neither a built-in template "
+            f"({', '.join(BUILTIN_TEMPLATES)}) nor a readable file; pass one of those names "
+            "or the path of a Jinja template file"
+        )
+    return path.read_text()
+
+
+def _apply(tokenizer, messages: list[dict], template: str, *, generation: bool) -> str:
+    return tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=generation
+    )
+
+
+def generation_prompt(
+    tokenizer, prompt: str, system: str | None = None, chat_template: str | None = None
+) -> str:
+    """The rendered chat text up to where the assistant starts, as used for evaluation."""
+    template = resolve_template(tokenizer, chat_template)
+    record = Record(id="prompt", system=system, prompt=prompt, cot="", answer="")
+    return _apply(tokenizer, messages_for(record, with_answer=False), template, generation=True)
+
+
+def _char_bounds(text: str, record: Record, header: str) -> tuple[int, int, int, int | None]:
+    """Character positions: prompt end, CoT start of the text, answer start, think end."""
+    cursor = 0
+    if record.system:
+        found = text.find(record.system)
+        cursor = found + len(record.system) if found >= 0 else 0
+    prompt_at = text.find(record.prompt, cursor)
+    if prompt_at < 0:
+        raise EssenceError(
+            f"record {record.id!r}: the chat template does not reproduce the prompt text; "
+            "pass a template that keeps message content verbatim (chat_template: chatml-think)"
+        )
+    cursor = prompt_at + len(record.prompt)
+    cot_at = text.find(record.cot, cursor)
+    if cot_at < 0:
+        raise EssenceError(
+            f"record {record.id!r}: the chat template drops the chain-of-thought from the "
+            "assistant turn (templates such as DeepSeek-R1-Distill's strip reasoning), so the "
+            "CoT would never be trained on; pass a reasoning-preserving template with "
+            "chat_template: chatml-think (built-in) or chat_template: path/to/template.jinja"
+        )
+    answer_at = text.find(record.answer, cot_at + len(record.cot))
+    if answer_at < 0:
+        raise EssenceError(
+            f"record {record.id!r}: the chat template does not reproduce the answer after the "
+            "chain-of-thought; pass a template that keeps the assistant content verbatim "
+            "(chat_template: chatml-think)"
+        )
+    prompt_end = len(header) if text.startswith(header) and len(header) <= cot_at else None
+    if prompt_end is None:
+        open_at = text.rfind(THINK_OPEN, cursor, cot_at)
+        prompt_end = open_at if open_at >= 0 else cot_at
+    close_at = text.find(THINK_CLOSE, cot_at + len(record.cot), answer_at)
+    think_end = close_at + len(THINK_CLOSE) if close_at >= 0 else None
+    return prompt_end, cot_at, answer_at, think_end
+
+
+def render(record: Record, tokenizer, chat_template: str | None = None) -> Rendered:
+    """Render one record to token ids and exact segment spans."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise EssenceError(
+            "the tokenizer is not a fast (Rust) tokenizer, so it has no character offsets; "
+            "load it with AutoTokenizer.from_pretrained(..., use_fast=True)"
+        )
+    template = resolve_template(tokenizer, chat_template)
+    text = _apply(tokenizer, messages_for(record), template, generation=False)
+    header = _apply(tokenizer, messages_for(record, with_answer=False), template, generation=True)
+    prompt_end, _, answer_at, think_end = _char_bounds(text, record, header)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
+    n_prompt = sum(1 for start, _ in offsets if start < prompt_end)
+    n_before_answer = sum(1 for start, _ in offsets if start < answer_at)
+    think_tok = None if think_end is None else sum(1 for s, _ in offsets if s < think_end)
+    spans = Spans(
+        prompt=(0, n_prompt),
+        cot=(n_prompt, n_before_answer),
+        answer=(n_before_answer, len(ids)),
+        think_end=think_tok,
+    )
+    assert n_prompt <= n_before_answer <= len(ids), f"record {record.id}: spans out of order"
+    return Rendered(record_id=record.id, input_ids=ids, spans=spans, text=text, offsets=offsets)

@@ -1,0 +1,158 @@
+"""Truncation protocols: which tokens of a rendered sequence are kept for training.
+
+Every protocol is a pure function of the sequence length and its segment spans, and
+returns the kept token ranges with how many prompt / CoT / answer tokens survive.
+Truncation runs before batching, so a shorter sequence costs less compute, not just
+less loss.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from essence.data.render import Spans
+from essence.errors import EssenceError
+
+WindowPosition = Literal["left", "middle", "right"]
+
+
+@dataclass(frozen=True)
+class TruncationConfig:
+    """How each sequence is cut before training. Set at most one protocol besides max_tokens."""
+
+    lsp: float = 1.0
+    """Lead-span proportion: keep the first max(1, floor(n·lsp)) tokens; 1.0 keeps all."""
+    window: float | None = None
+    """Keep a contiguous proportion of the sequence at window_position (None: off)."""
+    window_position: WindowPosition = "left"
+    """Where the window sits: left (start), middle (centre) or right (end)."""
+    cot_lead: float | None = None
+    """Keep the prompt, the first floor(x·|CoT|) CoT tokens and the whole answer (None: off)."""
+    cut_after_think: bool = False
+    """End each sequence right after the closing think tag (drops the answer)."""
+    max_tokens: int | None = None
+    """Keep at most the first k tokens; applied after the protocol above (None: no cap)."""
+
+    def __post_init__(self) -> None:
+        _check_fraction("data.truncation.lsp", self.lsp)
+        if self.window is not None:
+            _check_fraction("data.truncation.window", self.window)
+        if self.cot_lead is not None and not 0.0 <= self.cot_lead <= 1.0:
+            raise EssenceError(
+                f"data.truncation.cot_lead must be within [0, 1], got {self.cot_lead}"
+            )
+        if self.window_position not in ("left", "middle", "right"):
+            raise EssenceError(
+                "data.truncation.window_position must be left, middle or right, "
+                f"got {self.window_position!r}"
+            )
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise EssenceError(f"data.truncation.max_tokens must be ≥ 1, got {self.max_tokens}")
+        chosen = [
+            name
+            for name, on in (
+                ("lsp", self.lsp < 1.0),
+                ("window", self.window is not None),
+                ("cot_lead", self.cot_lead is not None),
+                ("cut_after_think", self.cut_after_think),
+            )
+            if on
+        ]
+        if len(chosen) > 1:
+            raise EssenceError(
+                f"data.truncation sets {' and '.join(chosen)}; choose one protocol "
+                "(max_tokens may be combined with any of them)"
+            )
+
+    def label(self) -> str:
+        """A short name for reports, e.g. 'lsp=0.5' or 'window=0.5@middle'."""
+        if self.window is not None:
+            base = f"window={self.window:g}@{self.window_position}"
+        elif self.cot_lead is not None:
+            base = f"cot_lead={self.cot_lead:g}"
+        elif self.cut_after_think:
+            base = "cut_after_think"
+        else:
+            base = f"lsp={self.lsp:g}"
+        return base if self.max_tokens is None else f"{base},max_tokens={self.max_tokens}"
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not 0.0 < value <= 1.0:
+        raise EssenceError(f"{name} must be within (0, 1], got {value}")
+
+
+@dataclass(frozen=True)
+class Kept:
+    """Kept token ranges [start, end) in order, and the surviving tokens per segment."""
+
+    ranges: tuple[tuple[int, int], ...]
+    prompt: int
+    cot: int
+    answer: int
+
+    @property
+    def total(self) -> int:
+        return self.prompt + self.cot + self.answer
+
+    def indices(self) -> list[int]:
+        return [i for start, end in self.ranges for i in range(start, end)]
+
+
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> int:
+    return max(0, min(a[1], b[1]) - max(a[0], b[0]))
+
+
+def _kept(ranges: list[tuple[int, int]], spans: Spans) -> Kept:
+    ranges = [r for r in ranges if r[1] > r[0]]
+    count = lambda seg: sum(_overlap(r, seg) for r in ranges)  # noqa: E731
+    return Kept(tuple(ranges), count(spans.prompt), count(spans.cot), count(spans.answer))
+
+
+def lead_span(n: int, x: float) -> int:
+    """Number of tokens the lead-span proportion x keeps of n: max(1, floor(n·x))."""
+    _check_fraction("lsp", x)
+    # The epsilon keeps floor(n·x) exact when n·x is an integer that float rounds below.
+    return min(n, max(1, math.floor(n * x + 1e-9)))
+
+
+def window(n: int, x: float, position: WindowPosition) -> tuple[int, int]:
+    """A contiguous proportion x of n tokens at the start, centre or end."""
+    k = lead_span(n, x)
+    if position == "left":
+        return 0, k
+    if position == "right":
+        return n - k, n
+    start = (n - k) // 2
+    return start, start + k
+
+
+def truncate(spans: Spans, config: TruncationConfig) -> Kept:
+    """Apply the configured protocol (then the max_tokens cap) to one sequence."""
+    n = spans.length
+    if config.window is not None:
+        ranges = [window(n, config.window, config.window_position)]
+    elif config.cot_lead is not None:
+        cot_len = spans.cot[1] - spans.cot[0]
+        keep = math.floor(cot_len * config.cot_lead + 1e-9)
+        ranges = [(0, spans.cot[0] + keep), spans.answer]
+    elif config.cut_after_think:
+        end = spans.think_end if spans.think_end is not None else spans.cot[1]
+        ranges = [(0, end)]
+    else:
+        ranges = [(0, lead_span(n, config.lsp))]
+    if config.max_tokens is not None:
+        ranges = _cap(ranges, config.max_tokens)
+    return _kept(ranges, spans)
+
+
+def _cap(ranges: list[tuple[int, int]], k: int) -> list[tuple[int, int]]:
+    capped, left = [], k
+    for start, end in ranges:
+        take = min(end - start, left)
+        if take > 0:
+            capped.append((start, start + take))
+        left -= take
+    return capped
