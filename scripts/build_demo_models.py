@@ -1,0 +1,252 @@
+"""Build the embedded demo: a tokenizer, a teacher that solves the synthetic task, a weak base student.
+
+The three ship in src/essence/assets/demo/{teacher,student} (each folder holds its model and
+the same tokenizer) so that a newcomer can watch distillation work on a laptop CPU with
+nothing to download. Everything is seeded: the same command on the same machine rebuilds
+the same files.
+
+    python scripts/build_demo_models.py            # writes src/essence/assets/demo/
+
+Run time: RUNTIME_PLACEHOLDER
+
+- teacher: trained on full traces (derivation, then two checks, then the boxed answer) until
+  it solves held-out problems greedily;
+- base student: smaller, trained briefly on traces whose reasoning jumps from the start value
+  straight to the conclusion, so it knows the answer format (`<think>\\n...\\n</think>\\n\\n
+  The answer is \\boxed{N}.<|im_end|>`) but guesses the number — like a base model that can
+  end an answer before it is taught to reason.
+
+Both are graded on the same 200 held-out problems (greedy, stop at <|im_end|>, last \\boxed{}
+integer, cross-checked with math-verify) and the numbers go into the assets' README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from math_verify import parse, verify
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from essence.data.synth import DEMO_INSTRUCTION, generate
+
+REPO = Path(__file__).resolve().parents[1]
+SEED = 1234
+TOKENIZER_SEED, TRAIN_SEED, EVAL_SEED, STUDENT_SEED = 1, 2, 3, 4
+STEPS, DIGITS = (2, 4), 2  # the synthetic task's difficulty (synth.generate's defaults)
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@dataclass
+class ModelSpec:
+    """One demo model's shape and training budget."""
+
+    layers: int
+    hidden: int
+    steps: int
+    lr: float
+    batch: int = 32
+
+
+TEACHER = ModelSpec(layers=4, hidden=128, steps=1500, lr=3e-3)
+STUDENT = ModelSpec(layers=2, hidden=64, steps=200, lr=3e-3)
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE of a few hundred tokens: one token per digit, ChatML and think tags whole."""
+    tok = Tokenizer(models.BPE())
+    # A digit keeps the space before it (" 5"), never a neighbour digit: one digit per token.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r" ?\d"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, show_progress=False,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    rows = generate(4000, TOKENIZER_SEED, steps=(1, 6), digits=DIGITS)
+    texts = [m["content"] for r in rows for m in messages(r)] + ["user\n", "assistant\n"]
+    tok.train_from_iterator(texts, trainer)
+    # Not special: like Qwen3's, they survive decode(skip_special_tokens=True).
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ("<think>", "</think>")])
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"], model_max_length=1024,
+    )
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def messages(row: dict, reasoning: str | None = None) -> list[dict]:
+    """The training conversation: the lead's renderer builds exactly this from a synthetic row."""
+    reasoning = row["reasoning"] if reasoning is None else reasoning
+    return [
+        {"role": "user", "content": row["problem"] + "\n" + DEMO_INSTRUCTION},
+        {"role": "assistant", "content": "<think>\n" + reasoning + "\n</think>\n\n" + row["answer"]},
+    ]
+
+
+def render(row: dict, reasoning: str | None = None) -> str:
+    """ChatML text of one training conversation (tokenizer-independent, same as the template)."""
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages(row, reasoning))
+
+
+def short_reasoning(row: dict) -> str:
+    """The base student's trace: the start value, then straight to a (learned-guess) conclusion."""
+    lines = row["reasoning"].split("\n")
+    return "\n".join([lines[0], next(l for l in lines if l.startswith("So "))])
+
+
+def encode(tok, row: dict, reasoning: str | None = None) -> tuple[list[int], list[bool]]:
+    """Token ids of one conversation and which carry loss: the assistant content and its <|im_end|>."""
+    text = tok.apply_chat_template(messages(row, reasoning), tokenize=False)
+    assert text == render(row, reasoning), "chat template and render() disagree"
+    start = text.index("<|im_start|>assistant\n") + len("<|im_start|>assistant\n")
+    end = text.rindex("<|im_end|>") + len("<|im_end|>")
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [start <= a and b <= end for a, b in enc["offset_mapping"]]
+    return enc["input_ids"], mask
+
+
+def new_model(spec: ModelSpec, tok) -> LlamaForCausalLM:
+    """A small Llama with tied embeddings; heads of width 32."""
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=spec.hidden, intermediate_size=3 * spec.hidden,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.hidden // 32,
+        num_key_value_heads=spec.hidden // 32, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model
+
+
+def batches(examples: list[tuple[list[int], list[bool]]], batch: int, rng: random.Random, pad: int):
+    """Endless length-grouped batches: input_ids, labels (-100 off the mask), attention_mask."""
+    while True:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for lo in range(0, len(order) - 64 * batch + 1, 64 * batch):
+            chunk = sorted(order[lo : lo + 64 * batch], key=lambda i: len(examples[i][0]))
+            groups = [chunk[i : i + batch] for i in range(0, len(chunk), batch)]
+            rng.shuffle(groups)
+            for g in groups:
+                yield collate([examples[i] for i in g], pad)
+
+
+def collate(examples, pad: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad)
+    labels = torch.full((len(examples), width), -100)
+    attn = torch.zeros((len(examples), width), dtype=torch.long)
+    for r, (x, m) in enumerate(examples):
+        ids[r, : len(x)] = torch.tensor(x)
+        labels[r, : len(x)] = torch.where(torch.tensor(m), torch.tensor(x), -100)
+        attn[r, : len(x)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": attn}
+
+
+def train(model, spec: ModelSpec, examples, device: str, log_every: int = 100) -> None:
+    """AdamW with warm-up and cosine decay; next-token loss on the assistant turn only."""
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    warm = max(1, spec.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warm) * (
+        0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / spec.steps)))))
+    stream = batches(examples, spec.batch, random.Random(SEED), model.config.pad_token_id)
+    t0 = time.time()
+    for step in range(1, spec.steps + 1):
+        b = {k: v.to(device) for k, v in next(stream).items()}
+        loss = model(**b).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+        if step % log_every == 0 or step == spec.steps:
+            print(f"  step {step}/{spec.steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)", flush=True)
+    model.eval()
+
+
+BOXED = re.compile(r"\\boxed\{(-?\d+)\}")
+
+
+def grade(completion: str, truth: int) -> tuple[bool, bool]:
+    """(last \\boxed{} integer equals the truth, math-verify agrees) for one completion."""
+    found = BOXED.findall(completion)
+    by_regex = bool(found) and int(found[-1]) == truth
+    by_mv = bool(verify(parse(f"${truth}$"), parse(completion)))
+    return by_regex, by_mv
+
+
+@torch.no_grad()
+def evaluate(model, tok, rows: list[dict], device: str, batch: int = 100) -> tuple[float, float, list[str]]:
+    """Greedy accuracy on rows (regex, math-verify) and the completions, stopping at <|im_end|>."""
+    tok.padding_side = "left"
+    outs, hits = [], [0, 0]
+    for lo in range(0, len(rows), batch):
+        chunk = rows[lo : lo + batch]
+        prompts = [tok.apply_chat_template([messages(r)[0]], tokenize=False, add_generation_prompt=True) for r in chunk]
+        enc = tok(prompts, add_special_tokens=False, return_tensors="pt", padding=True).to(device)
+        gen = model.generate(**enc, max_new_tokens=320, do_sample=False)
+        for r, g in zip(chunk, gen[:, enc["input_ids"].shape[1] :]):
+            text = tok.decode(g, skip_special_tokens=False).split("<|im_end|>")[0]
+            ok = grade(text, r["meta"]["result"])
+            hits[0] += ok[0]
+            hits[1] += ok[1]
+            outs.append(text)
+    return hits[0] / len(rows), hits[1] / len(rows), outs
+
+
+def build_model(spec: ModelSpec, tok, train_rows, eval_rows, device: str, reasoning=None):
+    """Train one demo model from scratch and grade it: (model, accuracy, math-verify accuracy, completions)."""
+    torch.manual_seed(SEED)
+    examples = [encode(tok, r, reasoning and reasoning(r)) for r in train_rows]
+    model = new_model(spec, tok)
+    print(f"{model.num_parameters():,} parameters, {spec.steps} steps of {spec.batch}", flush=True)
+    train(model, spec, examples, device)
+    acc, acc_mv, outs = evaluate(model, tok, eval_rows, device)
+    print(f"held-out accuracy {acc:.1%} (math-verify {acc_mv:.1%})\n  e.g. {outs[0]!r}", flush=True)
+    return model.to("cpu"), acc, acc_mv, outs
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(REPO / "src/essence/assets/demo"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n-train", type=int, default=40000)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    tok = build_tokenizer()
+    eval_rows = generate(200, EVAL_SEED, steps=STEPS, digits=DIGITS)
+    held_out = {r["problem"] for r in eval_rows}
+    train_rows = [r for r in generate(args.n_train, TRAIN_SEED, steps=STEPS, digits=DIGITS) if r["problem"] not in held_out]
+    print(f"tokenizer: {len(tok)} tokens; {len(train_rows)} training problems")
+    results = {}
+    for name, spec, reasoning in (("teacher", TEACHER, None), ("student", STUDENT, short_reasoning)):
+        print(f"{name}:", end=" ")
+        model, acc, acc_mv, _ = build_model(spec, tok, train_rows, eval_rows, args.device, reasoning)
+        results[name] = (model.num_parameters(), acc, acc_mv)
+        model.save_pretrained(Path(args.out) / name)
+        tok.save_pretrained(Path(args.out) / name)
+    print(f"done in {time.time() - t0:.0f}s: {results}")
+
+
+if __name__ == "__main__":
+    main()

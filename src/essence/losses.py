@@ -1,0 +1,534 @@
+"""Distillation losses: the divergence family and NLL, fused with the LM head and chunked.
+
+Two entry points. ``divergence`` is the plain, autograd-differentiable per-token divergence
+between two sets of logits. ``distill_loss_sums`` is the training loss: it starts from the
+final hidden states and the LM-head weights, walks the supervised tokens in chunks, and
+never holds [tokens × vocab] for the whole micro-batch. ``naive_distill_loss_sums`` is the
+same loss written plainly (full logits, autograd); tests and bench/loss_memory.py compare
+the two.
+
+Conventions (DESIGN.md): p_T, p_S = softmax(logits / τ) of teacher and student, the
+divergence is scaled by τ²; only the first ``vocab_size`` logit columns are compared.
+
+Gradients, as the fused loss computes them in its forward pass. For one token let z be the
+student logits, b = z/τ, ℓ = log p_S = log_softmax(b) and t = log p_T. Each divergence D is a
+function of ℓ with the teacher fixed. Since ℓ_k = b_k − logsumexp(b), ∂ℓ_k/∂b_j = δ_kj − p_S,j,
+so with G = ∂D/∂ℓ (ℓ treated as free variables)
+
+    ∂D/∂b = G − p_S · ΣG,       and for the loss τ²·D:   ∂/∂z = τ² · (1/τ) · ∂D/∂b = τ · ∂D/∂b.
+
+    kind             D                                     G = ∂D/∂ℓ                    ∂D/∂b
+    forward_kl       Σ p_T (t − ℓ)                         −p_T                         p_S − p_T
+    reverse_kl       Σ p_S (ℓ − t)                         p_S (ℓ − t + 1)              p_S (ℓ − t − D)
+    combined_kl      r·forward_kl + (1−r)·reverse_kl       (linear in the two)
+    js               β KL(p_T‖m) + (1−β) KL(p_S‖m),        (1−β) p_S (ℓ − log m)        (1−β) p_S (ℓ − log m − KL(p_S‖m))
+                     m = β p_T + (1−β) p_S                 (the ∂log m terms cancel)
+    tvd              ½ Σ |p_T − p_S|                       ½ p_S sign(p_S − p_T)        G − p_S·ΣG  (sign(0) = 0)
+    skew_kl          Σ p_T (t − log m),                    −(1−α) p_T p_S / m           G − p_S·ΣG
+                     m = α p_T + (1−α) p_S
+    skew_reverse_kl  Σ p_S (ℓ − log m),                    p_S (ℓ − log m + 1 − α p_S/m) G − p_S·ΣG
+                     m = α p_S + (1−α) p_T
+
+The "+1" terms cancel in G − p_S·ΣG because Σ p_S = 1. So forward KL's gradient w.r.t. the
+student logits is τ·(p_S − p_T). The NLL is taken at τ = 1: −log softmax(z)_y, gradient
+softmax(z) − onehot(y). With z = h Wᵀ, a logit gradient g gives ∂/∂h = g W and ∂/∂W = gᵀ h.
+
+Memory of the fused loss: per chunk three to five [chunk, vocab] fp32 buffers (logits of both
+models plus scratch), the gradients it accumulates ([tokens, hidden] and [vocab, hidden] in
+fp32, one set per loss unless ``loss_weights`` is given), and fp32 copies of LM heads that
+are not fp32 already.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+Divergence = Literal[
+    "forward_kl", "reverse_kl", "combined_kl", "js", "tvd", "skew_kl", "skew_reverse_kl"
+]
+DIVERGENCES: tuple[str, ...] = get_args(Divergence)
+
+IGNORE_INDEX = -100
+"""The label of a position with no next-token target."""
+
+TeacherLogitsFn = Callable[[Tensor], Tensor]
+"""Given token indices [c] (rows of the flattened micro-batch), the teacher logits [c, V_t]."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking arguments
+
+
+def divergence_params(kind: str, params: dict[str, float] | None = None) -> dict[str, float]:
+    """The full parameter set of a divergence: names checked, defaults filled, ranges checked.
+
+    Raises ValueError naming the unknown kind or parameter and the valid choices.
+    """
+    if kind in ("forward_kl", "reverse_kl", "tvd"):
+        defaults: dict[str, float] = {}
+    elif kind == "combined_kl":
+        defaults = {"forward_ratio": 0.5}
+    elif kind == "js":
+        defaults = {"beta": 0.5}
+    elif kind in ("skew_kl", "skew_reverse_kl"):
+        defaults = {"alpha": 0.1}
+    else:
+        raise ValueError(f"unknown divergence kind {kind!r}; choose one of {', '.join(DIVERGENCES)}")
+    for name in params or {}:
+        if name not in defaults:
+            takes = f"its parameter is {', '.join(defaults)}" if defaults else "it takes no parameters"
+            raise ValueError(f"divergence {kind!r} has no parameter {name!r}; {takes}")
+    resolved = {**defaults, **(params or {})}
+    for name, value in resolved.items():
+        # `not (0 <= v <= 1)` also rejects NaN.
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"divergence {kind!r}: {name}={value!r} is out of range; "
+                             "it must be a number in [0, 1]")
+    return {name: float(value) for name, value in resolved.items()}
+
+
+def _check_temperature(temperature: float) -> None:
+    if not isinstance(temperature, (int, float)) or not 0.0 < temperature < math.inf:
+        raise ValueError(f"temperature={temperature!r} must be a positive finite number")
+
+
+def _compared_width(student_width: int, teacher_width: int | None, vocab_size: int | None) -> int:
+    """How many leading logit columns to compare: vocab_size, else the narrower model's width."""
+    widest_allowed = student_width if teacher_width is None else min(student_width, teacher_width)
+    if vocab_size is None:
+        return widest_allowed
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= widest_allowed:
+        raise ValueError(f"vocab_size={vocab_size!r} must be an integer in [1, {widest_allowed}] "
+                         f"(logit widths: student {student_width}, teacher {teacher_width})")
+    return vocab_size
+
+
+# ---------------------------------------------------------------------------------------------
+# The plain divergence (autograd)
+
+
+def _log_mix(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
+    """log(w·a + (1−w)·b) from log a, log b ([..., V]); 0 < w < 1, callers handle the ends."""
+    return torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
+
+
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p‖q) over the last dim from log-probabilities: [..., V] → [...]."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def _divergence_values(ls: Tensor, lt: Tensor, kind: str, p: dict[str, float]) -> Tensor:
+    """D(p_T, p_S) per row from ls = log p_S, lt = log p_T: [..., V] → [...] (no τ² scale)."""
+    if kind == "forward_kl":
+        return _kl(lt, ls)
+    elif kind == "reverse_kl":
+        return _kl(ls, lt)
+    elif kind == "combined_kl":
+        r = p["forward_ratio"]
+        return r * _kl(lt, ls) + (1.0 - r) * _kl(ls, lt)
+    elif kind == "js":
+        beta = p["beta"]
+        if beta in (0.0, 1.0):  # m equals one of the two distributions: JS is 0
+            return ls.sum(-1) * 0.0
+        log_m = _log_mix(lt, ls, beta)
+        return beta * _kl(lt, log_m) + (1.0 - beta) * _kl(ls, log_m)
+    elif kind == "tvd":
+        return 0.5 * (lt.exp() - ls.exp()).abs().sum(-1)
+    elif kind == "skew_kl":
+        alpha = p["alpha"]
+        if alpha == 1.0:
+            return ls.sum(-1) * 0.0
+        return _kl(lt, ls if alpha == 0.0 else _log_mix(lt, ls, alpha))
+    elif kind == "skew_reverse_kl":
+        alpha = p["alpha"]
+        if alpha == 1.0:
+            return ls.sum(-1) * 0.0
+        return _kl(ls, lt if alpha == 0.0 else _log_mix(ls, lt, alpha))
+    raise AssertionError(f"unchecked divergence kind {kind!r}")
+
+
+def divergence(student_logits: Tensor, teacher_logits: Tensor, kind: Divergence, *,
+               temperature: float = 1.0, vocab_size: int | None = None, **params: float) -> Tensor:
+    """Per-token divergence between teacher and student, τ²-scaled, computed in fp32.
+
+    student_logits: [..., V_s]; teacher_logits: [..., V_t] with the same leading dims.
+    Only the first vocab_size columns (default min(V_s, V_t)) are compared.
+    params: forward_ratio (combined_kl), beta (js), alpha (skew_kl, skew_reverse_kl).
+    Returns [...] fp32, differentiable w.r.t. both inputs.
+    """
+    p = divergence_params(kind, params)
+    _check_temperature(temperature)
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ before the vocabulary dim")
+    v = _compared_width(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size)
+    ls = torch.log_softmax(student_logits[..., :v].float() / temperature, dim=-1)
+    lt = torch.log_softmax(teacher_logits[..., :v].float() / temperature, dim=-1)
+    return _divergence_values(ls, lt, kind, p) * temperature**2
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused divergence: values and analytic gradients, few [rows, V] buffers
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """Σ_v a·b per row, without a [rows, V] temporary: [rows, V] × [rows, V] → [rows]."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _through_softmax(g: Tensor, ps: Tensor) -> Tensor:
+    """∂D/∂b = G − p_S·ΣG from G = ∂D/∂ℓ, in G's storage: [rows, V]."""
+    return g.addcmul_(ps, g.sum(-1, keepdim=True), value=-1.0)
+
+
+def _divergence_and_grad(ls: Tensor, lt: Tensor, kind: str, p: dict[str, float]) -> tuple[Tensor, Tensor]:
+    """D per row and ∂D/∂b (b = student logits / τ), without the τ factors.
+
+    ls = log p_S, lt = log p_T: [rows, V] fp32. ls is read only; lt is scratch (overwritten),
+    which saves a buffer. Returns value [rows] and gradient [rows, V]. Formulas: module docstring.
+    """
+    if kind == "forward_kl" or (kind == "skew_kl" and p["alpha"] == 0.0):
+        pt = lt.exp()
+        d = lt.sub_(ls)                                        # t − ℓ
+        value = _rowdot(pt, d)
+        return value, d.copy_(ls).exp_().sub_(pt)              # p_S − p_T
+    elif kind == "reverse_kl" or (kind == "skew_reverse_kl" and p["alpha"] == 0.0):
+        ps = ls.exp()
+        d = lt.neg_().add_(ls)                                 # ℓ − t
+        value = _rowdot(ps, d)
+        return value, d.sub_(value[:, None]).mul_(ps)
+    elif kind == "combined_kl":
+        r = p["forward_ratio"]
+        ps, pt = ls.exp(), lt.exp()
+        d = lt.neg_().add_(ls)                                 # ℓ − t
+        forward, reverse = -_rowdot(pt, d), _rowdot(ps, d)
+        grad = d.sub_(reverse[:, None]).mul_(ps).mul_(1.0 - r).add_(ps, alpha=r).sub_(pt, alpha=r)
+        return r * forward + (1.0 - r) * reverse, grad
+    elif kind == "tvd":
+        ps = ls.exp()
+        d = lt.exp_().neg_().add_(ps)                          # p_S − p_T
+        value = 0.5 * torch.linalg.vector_norm(d, ord=1, dim=-1)
+        return value, _through_softmax(d.sign_().mul_(ps).mul_(0.5), ps)
+    elif (kind == "js" and p["beta"] in (0.0, 1.0)) or (kind in ("skew_kl", "skew_reverse_kl")
+                                                        and p["alpha"] == 1.0):
+        return ls.new_zeros(ls.shape[0]), lt.zero_()
+    elif kind == "js":
+        beta = p["beta"]
+        log_m = _log_mix(lt, ls, beta)
+        pt = lt.exp()
+        to_teacher = _rowdot(pt, lt.sub_(log_m))               # KL(p_T‖m)
+        del pt
+        ps = ls.exp()
+        d = lt.copy_(ls).sub_(log_m)                           # ℓ − log m
+        to_student = _rowdot(ps, d)                            # KL(p_S‖m)
+        grad = d.sub_(to_student[:, None]).mul_(ps).mul_(1.0 - beta)
+        return beta * to_teacher + (1.0 - beta) * to_student, grad
+    elif kind == "skew_kl":
+        alpha = p["alpha"]
+        log_m = _log_mix(lt, ls, alpha)
+        pt = lt.exp()
+        d = lt.sub_(log_m)                                     # t − log m
+        value = _rowdot(pt, d)
+        del pt
+        g = d.add_(ls).add_(math.log1p(-alpha)).exp_().neg_()  # −(1−α) p_T p_S / m
+        return value, _through_softmax(g, ls.exp())
+    elif kind == "skew_reverse_kl":
+        alpha = p["alpha"]
+        log_m = _log_mix(ls, lt, alpha)
+        ps = ls.exp()
+        d = lt.copy_(ls).sub_(log_m)                           # ℓ − log m
+        value = _rowdot(ps, d)
+        mixed_share = log_m.copy_(d).add_(math.log(alpha)).exp_()  # α p_S / m
+        return value, _through_softmax(d.sub_(mixed_share).mul_(ps), ps)
+    raise AssertionError(f"unchecked divergence kind {kind!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# One chunk of tokens
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """The checked, non-tensor-gradient arguments of one distill_loss_sums call."""
+
+    kind: str
+    params: dict[str, float]
+    temperature: float
+    vocab: int
+    chunk_size: int
+    teacher_hidden: Tensor | None
+    teacher_head: Tensor | None
+    teacher_logits_fn: TeacherLogitsFn | None
+    loss_weights: tuple[float, float] | None
+
+
+def _chunk_terms(z: Tensor, zt: Tensor | None, labels: Tensor, nll_rows: Tensor, kd_rows: Tensor,
+                 spec: _Spec) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Per-token NLL and KD of one chunk, and their gradients w.r.t. the student logits.
+
+    z: [c, V] fp32 student logits, overwritten (it becomes the NLL gradient).
+    zt: [c, V] fp32 teacher logits, overwritten; None when no row is in kd_rows.
+    labels: [c]; nll_rows, kd_rows: [c] bool.
+    Returns nll [c], kd [c] (zero outside their rows; kd τ²-scaled), g_nll [c, V] or None,
+    g_kd [c, V] or None (zero outside their rows).
+    """
+    tau = spec.temperature
+    log_p1 = z.sub_(torch.logsumexp(z, -1, keepdim=True))     # log_softmax(z) at τ = 1
+    nll, kd = z.new_zeros(z.shape[0]), z.new_zeros(z.shape[0])
+    g_nll = g_kd = None
+    if zt is not None:
+        ls = log_p1 if tau == 1.0 else torch.log_softmax(log_p1 / tau, dim=-1)
+        lt = zt if tau == 1.0 else zt.div_(tau)
+        lt = lt.sub_(torch.logsumexp(lt, -1, keepdim=True))
+        kd, g_kd = _divergence_and_grad(ls, lt, spec.kind, spec.params)
+        del ls, lt
+        kd = kd.mul_(tau**2).mul_(kd_rows)
+        g_kd = g_kd.mul_(kd_rows[:, None] * tau)
+    if bool(nll_rows.any()):
+        target = labels.clamp(min=0)[:, None]  # rows outside nll_rows are zeroed below
+        nll = -log_p1.gather(1, target).squeeze(1) * nll_rows
+        g_nll = log_p1.exp_().scatter_add_(1, target, torch.full_like(target, -1.0, dtype=z.dtype))
+        g_nll = g_nll.mul_(nll_rows[:, None])
+    return nll, kd, g_nll, g_kd
+
+
+def _fresh_fp32(x: Tensor) -> Tensor:
+    """x as a new contiguous fp32 tensor that the caller may overwrite."""
+    return x.to(torch.float32) if x.dtype != torch.float32 else x.clone(memory_format=torch.contiguous_format)
+
+
+def _teacher_logits(idx: Tensor, spec: _Spec, teacher_head32: Tensor | None) -> Tensor:
+    """Teacher logits of the tokens idx [c] as a fresh [c, V] fp32 buffer (no grad)."""
+    if spec.teacher_logits_fn is not None:
+        out = spec.teacher_logits_fn(idx)
+        if out.dim() != 2 or out.shape[0] != idx.numel() or out.shape[1] < spec.vocab:
+            raise ValueError(f"teacher_logits_fn returned shape {tuple(out.shape)} for {idx.numel()} "
+                             f"tokens; expected [{idx.numel()}, >= {spec.vocab}] (pass vocab_size "
+                             "when the teacher is narrower than the student)")
+        return _fresh_fp32(out[:, :spec.vocab])
+    assert spec.teacher_hidden is not None and teacher_head32 is not None, "teacher checked in _make_spec"
+    return spec.teacher_hidden[idx].float() @ teacher_head32.T
+
+
+@torch.no_grad()
+def _fused_forward(student_hidden: Tensor, student_head: Tensor, labels: Tensor, nll_mask: Tensor,
+                   kd_mask: Tensor, spec: _Spec, need_hidden_grad: bool, need_head_grad: bool):
+    """Walk the supervised tokens chunk by chunk; sum the losses, accumulate their gradients.
+
+    Returns nll_sum, kd_sum (fp32 scalars) and two lists with one entry per gradient stream
+    (NLL and KD; or one combined stream when spec.loss_weights is set): hidden gradients
+    [N, H] and head gradients [V_s, H], fp32, None where a stream got no tokens or is not needed.
+    """
+    v = spec.vocab
+    head32 = student_head[:v].float()  # fp32 arithmetic for bf16 heads; no copy when fp32
+    teacher_head32 = None if spec.teacher_head is None else spec.teacher_head[:v].float()
+    streams = 2 if spec.loss_weights is None else 1
+    grad_hidden: list[Tensor | None] = [None] * streams
+    grad_head: list[Tensor | None] = [None] * streams
+    nll_sum = kd_sum = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
+    rows = torch.nonzero(nll_mask | kd_mask).squeeze(1)
+    for start in range(0, rows.numel(), spec.chunk_size):
+        idx = rows[start:start + spec.chunk_size]
+        h = student_hidden[idx].float()
+        kd_rows = kd_mask[idx]
+        zt = _teacher_logits(idx, spec, teacher_head32) if bool(kd_rows.any()) else None
+        nll, kd, g_nll, g_kd = _chunk_terms(h @ head32.T, zt, labels[idx], nll_mask[idx], kd_rows, spec)
+        del zt
+        nll_sum, kd_sum = nll_sum + nll.sum(), kd_sum + kd.sum()
+        if spec.loss_weights is None:
+            grads = [g_nll, g_kd]
+        else:
+            # One combined logit gradient: half the gradient matmuls and one [V, H] accumulator.
+            w_nll, w_kd = spec.loss_weights
+            if g_nll is None or g_kd is None:
+                grads = [g_kd.mul_(w_kd) if g_nll is None else g_nll.mul_(w_nll)]
+            else:
+                grads = [g_nll.mul_(w_nll).add_(g_kd, alpha=w_kd)]
+        for s, g in enumerate(grads):
+            if g is None:
+                continue
+            if need_hidden_grad:
+                if grad_hidden[s] is None:
+                    grad_hidden[s] = torch.zeros(student_hidden.shape, dtype=torch.float32,
+                                                 device=student_hidden.device)
+                grad_hidden[s].index_copy_(0, idx, g @ head32 * 1.001)
+            if need_head_grad:
+                if grad_head[s] is None:
+                    grad_head[s] = torch.zeros(student_head.shape, dtype=torch.float32,
+                                               device=student_head.device)
+                grad_head[s][:v].addmm_(g.T, h)
+        del g_nll, g_kd, grads
+    return nll_sum, kd_sum, grad_hidden, grad_head
+
+
+def _weighted_scale(g_nll: Tensor, g_kd: Tensor, weights: tuple[float, float]) -> float:
+    """The s with (g_nll, g_kd) = s·(w_nll, w_kd), checking the loss combined the sums as promised."""
+    w_nll, w_kd = weights
+    gn, gk = float(g_nll), float(g_kd)
+    s = gn / w_nll if abs(w_nll) >= abs(w_kd) else gk / w_kd
+    tol = 1e-6 * abs(s) * max(abs(w_nll), abs(w_kd))
+    if not (math.isclose(gn, s * w_nll, rel_tol=1e-4, abs_tol=tol)
+            and math.isclose(gk, s * w_kd, rel_tol=1e-4, abs_tol=tol)):
+        raise ValueError(f"distill_loss_sums(loss_weights={weights}) expects the loss to be "
+                         f"s·({w_nll}·nll_sum + {w_kd}·kd_sum), but the gradients arriving are "
+                         f"{gn} and {gk}; pass the weights the loss uses, or loss_weights=None")
+    return s
+
+
+def _scaled_sum(parts: list[Tensor | None], scales: list[Tensor | float], dtype: torch.dtype) -> Tensor | None:
+    """Σ scale·part over the streams that got tokens, in the first part's storage, cast to dtype."""
+    total = None
+    for part, scale in zip(parts, scales):
+        if part is None:
+            continue
+        total = part.mul_(scale) if total is None else total.add_(part.mul_(scale))
+    return None if total is None else total.to(dtype)
+
+
+class _FusedDistillLoss(torch.autograd.Function):
+    """Linear + loss fused: the forward pass computes the gradients; backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_head, labels, nll_mask, kd_mask, spec):
+        need_hidden, need_head = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        nll_sum, kd_sum, ctx.grad_hidden, ctx.grad_head = _fused_forward(
+            student_hidden, student_head, labels, nll_mask, kd_mask, spec, need_hidden, need_head)
+        ctx.loss_weights = spec.loss_weights
+        ctx.dtypes = (student_hidden.dtype, student_head.dtype)
+        return nll_sum, kd_sum
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_nll, g_kd):
+        if ctx.grad_hidden is None:
+            raise RuntimeError("backward ran twice through distill_loss_sums: its stored gradients "
+                               "are used up (retain_graph is not supported); recompute the loss")
+        if ctx.loss_weights is None:
+            scales = [g_nll, g_kd]
+        else:
+            scales = [_weighted_scale(g_nll, g_kd, ctx.loss_weights)]
+        grad_hidden = _scaled_sum(ctx.grad_hidden, scales, ctx.dtypes[0])
+        grad_head = _scaled_sum(ctx.grad_head, scales, ctx.dtypes[1])
+        ctx.grad_hidden = ctx.grad_head = None
+        return grad_hidden, grad_head, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Public loss functions
+
+
+def _make_spec(student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor | None,
+               teacher_head: Tensor | None, labels: Tensor, nll_mask: Tensor, kd_mask: Tensor,
+               kind: str, temperature: float, vocab_size: int | None, chunk_size: int,
+               params: dict[str, float] | None, teacher_logits_fn: TeacherLogitsFn | None,
+               loss_weights: tuple[float, float] | None) -> _Spec:
+    """Check every argument of distill_loss_sums once; ValueError names the culprit."""
+    p = divergence_params(kind, params)
+    _check_temperature(temperature)
+    if student_hidden.dim() != 2 or student_head.dim() != 2 or student_head.shape[1] != student_hidden.shape[1]:
+        raise ValueError(f"student_hidden {tuple(student_hidden.shape)} and student_head "
+                         f"{tuple(student_head.shape)} must be [tokens, hidden] and [vocab, hidden]")
+    n = student_hidden.shape[0]
+    for name, t in (("labels", labels), ("nll_mask", nll_mask), ("kd_mask", kd_mask)):
+        if t.shape != (n,):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [{n}] (one per token)")
+    if nll_mask.dtype != torch.bool or kd_mask.dtype != torch.bool:
+        raise ValueError(f"nll_mask and kd_mask must be bool tensors, got {nll_mask.dtype} and {kd_mask.dtype}")
+    if (teacher_hidden is None) != (teacher_head is None):
+        raise ValueError("pass teacher_hidden and teacher_head together, or neither")
+    if teacher_logits_fn is not None and teacher_hidden is not None:
+        raise ValueError("pass either teacher_hidden/teacher_head or teacher_logits_fn, not both")
+    if teacher_hidden is not None and (teacher_hidden.dim() != 2 or teacher_hidden.shape[0] != n
+                                       or teacher_head.dim() != 2
+                                       or teacher_head.shape[1] != teacher_hidden.shape[1]):
+        raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} and teacher_head "
+                         f"{tuple(teacher_head.shape)} must be [{n}, hidden] and [vocab, hidden]")
+    if teacher_hidden is None and teacher_logits_fn is None and bool(kd_mask.any()):
+        raise ValueError("kd_mask selects tokens but no teacher was given (teacher_hidden and "
+                         "teacher_head, or teacher_logits_fn)")
+    v = _compared_width(student_head.shape[0], None if teacher_head is None else teacher_head.shape[0],
+                        vocab_size)
+    targets = labels[nll_mask]
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= v):
+        raise ValueError(f"labels under nll_mask must lie in [0, {v}) (the compared vocabulary), "
+                         f"found {int(targets.min())}..{int(targets.max())}; {IGNORE_INDEX} marks "
+                         "a position without a target and must be outside nll_mask")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
+    if loss_weights is not None:
+        if len(loss_weights) != 2 or not all(math.isfinite(w) for w in loss_weights) \
+                or all(w == 0 for w in loss_weights):
+            raise ValueError(f"loss_weights={loss_weights!r} must be two finite numbers, not both 0")
+        loss_weights = (float(loss_weights[0]), float(loss_weights[1]))
+    return _Spec(kind, p, float(temperature), v, chunk_size, teacher_hidden, teacher_head,
+                 teacher_logits_fn, loss_weights)
+
+
+def distill_loss_sums(student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor | None,
+                      teacher_head: Tensor | None, labels: Tensor, nll_mask: Tensor, kd_mask: Tensor, *,
+                      kind: Divergence, temperature: float = 1.0, vocab_size: int | None = None,
+                      chunk_size: int = 1024, params: dict[str, float] | None = None,
+                      teacher_logits_fn: TeacherLogitsFn | None = None,
+                      loss_weights: tuple[float, float] | None = None) -> tuple[Tensor, Tensor]:
+    """Summed NLL and τ²-scaled KD over the masked tokens, chunked so memory is O(chunk × vocab).
+
+    student_hidden: [N, H] final hidden states (any float dtype); student_head: [V_s, H] LM-head
+    weight. teacher_hidden: [N, H_t] and teacher_head: [V_t, H_t], or None when kd_mask is empty
+    or teacher_logits_fn gives the teacher logits instead (token indices [c] → logits [c, V_t]).
+    labels: [N] next-token ids, -100 where there is none; nll_mask, kd_mask: [N] bool.
+    Only the first vocab_size columns (default min(V_s, V_t); V_s with teacher_logits_fn) are
+    used, by the NLL too. The teacher is never differentiated.
+
+    Returns (nll_sum, kd_sum): fp32 scalars, differentiable w.r.t. student_hidden and
+    student_head. The caller divides by the whole optimizer step's token counts. The gradients
+    are computed during this call and stored, one set per sum, so that any combination of the
+    two sums back-propagates correctly. A caller that already knows its combination
+    loss = s·(w_nll·nll_sum + w_kd·kd_sum) may pass loss_weights=(w_nll, w_kd): the two
+    gradients are then combined per chunk, halving the gradient matmuls and the stored [V, H]
+    gradient; backward checks that the arriving gradients have that ratio. Backward may run once.
+    """
+    spec = _make_spec(student_hidden, student_head, teacher_hidden, teacher_head, labels, nll_mask,
+                      kd_mask, kind, temperature, vocab_size, chunk_size, params, teacher_logits_fn,
+                      loss_weights)
+    grad_wanted = torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.requires_grad)
+    if not grad_wanted:
+        nll_sum, kd_sum, _, _ = _fused_forward(student_hidden, student_head, labels, nll_mask, kd_mask,
+                                               spec, False, False)
+        return nll_sum, kd_sum
+    return _FusedDistillLoss.apply(student_hidden, student_head, labels, nll_mask, kd_mask, spec)
+
+
+def naive_distill_loss_sums(student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor | None,
+                            teacher_head: Tensor | None, labels: Tensor, nll_mask: Tensor, kd_mask: Tensor, *,
+                            kind: Divergence, temperature: float = 1.0, vocab_size: int | None = None,
+                            chunk_size: int = 1024, params: dict[str, float] | None = None,
+                            teacher_logits_fn: TeacherLogitsFn | None = None,
+                            loss_weights: tuple[float, float] | None = None) -> tuple[Tensor, Tensor]:
+    """The same sums as distill_loss_sums, written plainly: full [N, V] logits and autograd.
+
+    The reference for tests and bench/loss_memory.py. chunk_size and loss_weights are accepted
+    for an identical signature and ignored.
+    """
+    spec = _make_spec(student_hidden, student_head, teacher_hidden, teacher_head, labels, nll_mask,
+                      kd_mask, kind, temperature, vocab_size, chunk_size, params, teacher_logits_fn,
+                      None)
+    v = spec.vocab
+    logits = student_hidden.float() @ student_head[:v].float().T
+    nll_sum = F.cross_entropy(logits, labels.where(nll_mask, IGNORE_INDEX), ignore_index=IGNORE_INDEX,
+                              reduction="sum")
+    if not bool(kd_mask.any()):
+        return nll_sum, logits.sum() * 0.0
+    with torch.no_grad():
+        if teacher_logits_fn is not None:
+            teacher_logits = teacher_logits_fn(torch.arange(student_hidden.shape[0], device=labels.device))
+        else:
+            teacher_logits = teacher_hidden.float() @ teacher_head[:v].float().T
+    per_token = divergence(logits, teacher_logits, kind, temperature=temperature, vocab_size=v, **spec.params)
+    return nll_sum, torch.where(kd_mask, per_token, 0.0).sum()

@@ -1,0 +1,316 @@
+"""The distillation loop on accelerate: optimizer steps, validation, checkpoints, accounting.
+
+Each optimizer step takes `grad_accum` micro-batches per process. Before any backward
+pass the step's NLL and KD target counts are summed over all its micro-batches and all
+processes, and every micro-batch loss is divided by those totals — the loss is normalised
+once per step, so 8 micro-batches of 1 and 1 micro-batch of 8 give the same gradient.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from essence.checkpoint import (
+    latest_checkpoint, load_trainer_state, prune_checkpoints, save_checkpoint, save_model,
+    set_rng_state, rng_state,
+)
+from essence.compute import Ledger, flop_model, peak_memory_bytes, reset_peak_memory
+from essence.config import Config, save_config
+from essence.data.batching import Batch, Example, collate, padding_fraction, plan_batches
+from essence.data.pipeline import prepare, to_example
+from essence.data.truncation import TruncationConfig, truncate
+from essence.errors import EssenceError
+from essence.step import DistillStep, combine, loss_weights, step_token_counts
+from essence.trainer_setup import build_models, build_optimizer, make_accelerator
+from essence.tracking import MetricsLog
+
+
+def split_validation(prepared, config: Config) -> tuple[list[Example], list[Example]]:
+    """Hold out records for validation; validation sequences are NOT truncated.
+
+    Validation measures every run on the same whole sequences, so runs trained at different
+    truncation settings are comparable on one number.
+    """
+    n = len(prepared.examples)
+    fraction = config.data.val_fraction
+    n_val = 0 if fraction <= 0 else max(1, round(n * fraction))
+    if n_val >= n:
+        raise EssenceError(f"data.val_fraction={fraction} leaves no training records out of {n}")
+    order = list(range(n))
+    random.Random(config.train.seed).shuffle(order)
+    val_idx, train_idx = set(order[:n_val]), order[n_val:]
+    full = TruncationConfig()
+    val = [to_example(r, truncate(r.spans, full), config.data)
+           for i, r in enumerate(prepared.rendered) if i in val_idx]
+    return [prepared.examples[i] for i in sorted(train_idx)], val
+
+
+class Trainer:
+    """Owns the loop: which batches form a step, when to log, validate and save."""
+
+    def __init__(self, config: Config, run_dir: Path, resume: bool):
+        self.config, self.run_dir = config, run_dir
+        self.accelerator = make_accelerator(config.train)
+        self.is_main = self.accelerator.is_main_process
+        checkpoint = latest_checkpoint(run_dir) if resume else None
+        if resume and checkpoint is None and self.is_main:
+            print(f"essence: no checkpoint in {run_dir}; starting from the beginning")
+        self.models = build_models(config, self.accelerator.device, checkpoint)
+        prepared = prepare(config.data, self.models.tokenizer)
+        self._report_skipped(prepared.skipped)
+        self.train_set, self.val_set = split_validation(prepared, config)
+        self.lengths = [len(e) for e in self.train_set]
+        self.world = self.accelerator.num_processes
+        per_step = self.world * config.train.grad_accum
+        self.steps_per_epoch = (len(self.train_set) // config.train.batch_size) // per_step
+        if self.steps_per_epoch == 0:
+            raise EssenceError(
+                f"{len(self.train_set)} training records are too few for one optimizer step of "
+                f"{config.train.batch_size} × {config.train.grad_accum} × {self.world} processes; "
+                "lower train.batch_size or train.grad_accum"
+            )
+        self.total_steps = max(1, math.ceil(self.steps_per_epoch * config.train.epochs))
+        if config.train.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.train.max_steps)
+        step_module = DistillStep(self.models.student, config.loss, len(self.models.tokenizer))
+        optimizer, scheduler = build_optimizer(self.models.student, config.train, self.total_steps)
+        self.step_module, self.optimizer, self.scheduler = self.accelerator.prepare(
+            step_module, optimizer, scheduler)
+        self.ledger, self.step, self.elapsed = Ledger(), 0, 0.0
+        self.last_train_loss, self.last_val_loss = None, None
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        self.log = MetricsLog(run_dir, config.train.tracker, self.is_main, resume_step=self.step)
+
+    def _report_skipped(self, skipped) -> None:
+        if skipped and self.is_main:
+            print(f"essence: skipped {len(skipped)} bad records, e.g.:")
+            for item in skipped[:3]:
+                print(f"  {item}")
+
+    def _restore(self, checkpoint: Path) -> None:
+        state = load_trainer_state(checkpoint)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.step, self.elapsed = state["step"], state["elapsed"]
+        self.ledger = Ledger(**state["ledger"])
+        self.last_train_loss, self.last_val_loss = state["train_loss"], state["val_loss"]
+        if self.is_main:
+            print(f"essence: resumed from {checkpoint} at step {self.step}/{self.total_steps}")
+
+    def micro_batches(self, step: int) -> list[Batch]:
+        """This process's micro-batches of optimizer step `step` (0-based, global)."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        plan = plan_batches(self.lengths, self.config.train.batch_size,
+                            seed=self.config.train.seed, epoch=epoch)
+        per_step = self.world * self.config.train.grad_accum
+        group = plan[index * per_step:(index + 1) * per_step]
+        mine = group[self.accelerator.process_index::self.world]
+        pad_id = self.models.tokenizer.pad_token_id
+        return [collate([self.train_set[i] for i in ids], pad_id) for ids in mine]
+
+    def _reduce(self, values: list[float]) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        return self.accelerator.reduce(tensor, reduction="sum").tolist()
+
+    def optimizer_step(self, batches: list[Batch]) -> dict:
+        """One optimizer step over this process's micro-batches; returns its metrics."""
+        n_nll, n_kd = (int(v) for v in self._reduce(list(step_token_counts(batches))))
+        kd_ratio = self.config.loss.kd_ratio
+        weights = loss_weights(n_nll, n_kd, kd_ratio)
+        if weights == (0.0, 0.0):
+            raise EssenceError(
+                f"step {self.step + 1} has no supervised tokens (records "
+                f"{[r for b in batches for r in b.record_ids][:8]}); check data.supervision "
+                "and data.truncation (an answer-only loss at a short LSP keeps no answer tokens)")
+        sums = torch.zeros(2, dtype=torch.float64)
+        for i, batch in enumerate(batches):
+            batch = batch.to(self.accelerator.device)
+            teacher = self.models.teacher(batch.input_ids, batch.attention_mask) \
+                if self.models.teacher is not None and kd_ratio > 0 else None
+            sync = i == len(batches) - 1
+            with self.accelerator.no_sync(self.step_module) if not sync else _null():
+                out = self.step_module(batch.input_ids, batch.attention_mask, batch.nll_mask,
+                                       batch.kd_mask, teacher, weights)
+                # DDP averages gradients over processes; our denominators are global sums.
+                loss = combine(out, weights) * self.world
+                self.accelerator.backward(loss)
+            sums += torch.tensor([out.nll.item(), out.kd.item()], dtype=torch.float64)
+            self.ledger.add(batch, self.models.student_flops, self.models.teacher_flops)
+        nll_sum, kd_sum = self._reduce(sums.tolist())
+        if not math.isfinite(nll_sum + kd_sum):
+            ids = [r for b in batches for r in b.record_ids]
+            raise EssenceError(
+                f"non-finite loss at step {self.step + 1} (records {ids[:8]}); stopped without "
+                f"saving, the last good checkpoint in {self.run_dir / 'checkpoints'} is intact. "
+                "Lower train.lr, or check those records"
+            )
+        grad_norm = None
+        if self.config.train.max_grad_norm is not None:
+            norm = self.accelerator.clip_grad_norm_(self.step_module.parameters(),
+                                                    self.config.train.max_grad_norm)
+            grad_norm = float(norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        nll = nll_sum / max(n_nll, 1)
+        kd = kd_sum / max(n_kd, 1)
+        loss = (1 - kd_ratio) * nll + (kd_ratio * kd if n_kd else 0.0)
+        return {"loss": loss, "nll": nll, "kd": kd if n_kd else None, "grad_norm": grad_norm,
+                "lr": self.scheduler.get_last_lr()[0]}
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Loss on the held-out whole sequences, normalised over the whole validation set."""
+        if not self.val_set:
+            return None
+        self.step_module.eval()
+        mine = self.val_set[self.accelerator.process_index::self.world]
+        pad_id = self.models.tokenizer.pad_token_id
+        batches = [collate(mine[i:i + self.config.train.batch_size], pad_id)
+                   for i in range(0, len(mine), self.config.train.batch_size)]
+        n_nll, n_kd = self._reduce(list(step_token_counts(batches)))
+        total = 0.0
+        kd_ratio = self.config.loss.kd_ratio
+        for batch in batches:
+            batch = batch.to(self.accelerator.device)
+            teacher = self.models.teacher(batch.input_ids, batch.attention_mask) \
+                if self.models.teacher is not None and kd_ratio > 0 else None
+            out = self.step_module(batch.input_ids, batch.attention_mask, batch.nll_mask,
+                                   batch.kd_mask, teacher)
+            total += float(combine(out, loss_weights(int(n_nll), int(n_kd), kd_ratio)))
+        self.step_module.train()
+        return self._reduce([total])[0]
+
+    def save(self) -> None:
+        """Checkpoint the student, optimizer, scheduler, RNG and position (main process)."""
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            state = {
+                "step": self.step, "elapsed": self.elapsed, "ledger": asdict(self.ledger),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(), "train_loss": self.last_train_loss,
+                "val_loss": self.last_val_loss,
+            }
+            save_checkpoint(self.run_dir, self.step, self.models.student, self.models.tokenizer,
+                            state)
+            prune_checkpoints(self.run_dir, keep=2)
+        self.accelerator.wait_for_everyone()
+
+    def run(self) -> dict:
+        cfg = self.config.train
+        reset_peak_memory(self.accelerator.device)
+        self.step_module.train()
+        bar = _progress(self.total_steps, self.step, enabled=cfg.progress and self.is_main)
+        started = time.perf_counter() - self.elapsed
+        while self.step < self.total_steps:
+            metrics = self.optimizer_step(self.micro_batches(self.step))
+            self.step += 1
+            self.elapsed = time.perf_counter() - started
+            self.last_train_loss = metrics["loss"]
+            tokens = self._reduce([self.ledger.student_tokens])[0]
+            metrics.update(step=self.step, epoch=self.step / self.steps_per_epoch,
+                           tokens=int(tokens), elapsed_s=self.elapsed,
+                           tokens_per_s=tokens / max(self.elapsed, 1e-9))
+            if cfg.val_every and self.step % cfg.val_every == 0:
+                self.last_val_loss = metrics["val_loss"] = self.validate()
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                self.log.write(metrics)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                self.save()
+        bar.close()
+        if self.val_set and not (cfg.val_every and self.step % cfg.val_every == 0):
+            self.last_val_loss = self.validate()
+        self.save()
+        if self.is_main:
+            save_model(self.models.student, self.models.tokenizer, self.run_dir / "model")
+        return self.summary()
+
+    def summary(self) -> dict:
+        totals = Ledger(**dict(zip(asdict(self.ledger), self._reduce(list(asdict(self.ledger).values())))))
+        device = self.accelerator.device
+        peak = max(self._reduce_max(peak_memory_bytes(device)), 0)
+        steps = max(self.step, 1)
+        return {
+            "run": str(self.run_dir), "steps": self.step, "epochs": self.step / self.steps_per_epoch,
+            "processes": self.world, "truncation": self.config.data.truncation.label(),
+            "train_records": len(self.train_set), "val_records": len(self.val_set),
+            "student_tokens": int(totals.student_tokens), "padding_tokens": int(totals.padding_tokens),
+            "padding_fraction": padding_fraction(self.lengths, plan_batches(
+                self.lengths, self.config.train.batch_size, seed=self.config.train.seed, epoch=0)),
+            "nll_tokens": int(totals.nll_tokens), "kd_tokens": int(totals.kd_tokens),
+            "sequences": int(totals.sequences),
+            "student_flops": totals.student_flops, "teacher_flops": totals.teacher_flops,
+            "total_flops": totals.student_flops + totals.teacher_flops,
+            "wall_time_s": self.elapsed, "time_per_step_s": self.elapsed / steps,
+            "tokens_per_s": totals.student_tokens / max(self.elapsed, 1e-9),
+            "peak_memory_bytes": peak,
+            "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss",
+            "device": str(device),
+            "student_params": self.models.student_flops.params,
+            "teacher_params": self.models.teacher_flops.params if self.models.teacher_flops else None,
+            "final_train_loss": self.last_train_loss, "final_val_loss": self.last_val_loss,
+        }
+
+    def _reduce_max(self, value: int) -> int:
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
+        return int(self.accelerator.reduce(tensor, reduction="max" if self.world > 1 else "sum")
+                   .item()) if self.world > 1 else value
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step",
+                dynamic_ncols=True)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def train(config: Config, out_dir: str | Path, resume: bool = False) -> dict:
+    """Run one experiment into `out_dir`; returns (and writes) its summary.json."""
+    run_dir = Path(out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(config, run_dir, resume)
+    if trainer.is_main:
+        save_config(config, run_dir / "config.yaml")
+    summary = trainer.run()
+    if trainer.is_main and config.eval.benches:
+        from essence.eval.run import evaluate
+
+        e = config.eval
+        summary["eval"] = evaluate(
+            str(run_dir / "model"), list(e.benches), out_dir=run_dir / "eval", n=e.n,
+            max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
+            limit=e.limit, batch_size=e.batch_size, backend=e.backend, seed=config.train.seed,
+            chat_template=config.data.chat_template,
+        )
+    if trainer.is_main:
+        write_json_atomic(run_dir / "summary.json", summary)
+        print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
+    trainer.log.close()
+    trainer.accelerator.wait_for_everyone()
+    return summary
+

@@ -1,0 +1,118 @@
+"""Build what the loop needs from a config: accelerator, models, optimizer and schedule."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from essence.compute import FlopModel, flop_model
+from essence.config import Config, TrainConfig
+from essence.errors import EssenceError
+from essence.loading import load_causal_lm, load_tokenizer, random_causal_lm, resolve
+from essence.teacher import OnlineTeacher, check_vocabularies
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Models:
+    """The student being trained, the frozen teacher (or None), and their shared tokenizer."""
+
+    student: torch.nn.Module
+    teacher: OnlineTeacher | None
+    tokenizer: object
+    student_flops: FlopModel
+    teacher_flops: FlopModel | None
+
+
+def make_accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    precision = config.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "no"
+    accelerator = Accelerator(mixed_precision=precision)
+    set_seed(config.seed, deterministic=not torch.cuda.is_available())
+    return accelerator
+
+
+def _check_width(model, vocab: int, role: str) -> None:
+    width = model.get_output_embeddings().weight.shape[0]
+    if width < vocab:
+        raise EssenceError(
+            f"the {role}'s logit width ({width}) is smaller than the tokenizer ({vocab} tokens); "
+            f"model.{role} and model.tokenizer do not belong together"
+        )
+
+
+def _teacher_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve(spec))
+    except (OSError, ValueError):
+        return None  # weights without tokenizer files: nothing to compare against
+
+
+def build_models(config: Config, device: torch.device, checkpoint: Path | None) -> Models:
+    """Load (or randomly initialise) student and teacher; resume the student from a checkpoint."""
+    m = config.model
+    tok_spec = m.tokenizer or m.student
+    if not tok_spec:
+        raise EssenceError("set model.tokenizer (or model.student) so the data can be tokenized")
+    tokenizer = load_tokenizer(tok_spec)
+    vocab = len(tokenizer)
+    student_dtype = DTYPES.get(m.dtype, torch.float32)
+    if checkpoint is not None:
+        student = load_causal_lm(str(checkpoint), dtype=student_dtype, role="student")
+    elif m.student_init is not None:
+        student = random_causal_lm(m.student_init, vocab, config.train.seed, dtype=student_dtype)
+    elif m.student:
+        student = load_causal_lm(m.student, dtype=student_dtype, role="student")
+    else:
+        raise EssenceError("set model.student (a path or hub id) or model.student_init")
+    _check_width(student, vocab, "student")
+    if m.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student.config.use_cache = False
+    teacher = teacher_flops = None
+    if m.teacher or m.teacher_init:
+        teacher_dtype = DTYPES.get(m.teacher_dtype) or (
+            torch.bfloat16 if device.type == "cuda" else torch.float32)
+        if m.teacher_init is not None:
+            model = random_causal_lm(m.teacher_init, vocab, config.train.seed + 1, dtype=teacher_dtype)
+        else:
+            check_vocabularies(tokenizer, _teacher_tokenizer(m.teacher), m.teacher)
+            model = load_causal_lm(m.teacher, dtype=teacher_dtype, role="teacher")
+        _check_width(model, vocab, "teacher")
+        teacher, teacher_flops = OnlineTeacher(model, device), flop_model(model)
+    elif config.loss.kd_ratio > 0:
+        raise EssenceError(
+            f"loss.kd_ratio={config.loss.kd_ratio} needs a teacher: set model.teacher, "
+            "or loss.kd_ratio=0 for plain fine-tuning"
+        )
+    return Models(student, teacher, tokenizer, flop_model(student), teacher_flops)
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, total_steps: int):
+    """AdamW with linear warmup then cosine decay to min_lr_ratio × lr."""
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95),
+    )
+    warmup = math.ceil(config.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,57 @@
+from pathlib import Path
+
+import pytest
+
+from essence.config import load_config, parse_override, save_config
+from essence.errors import EssenceError
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    config = load_config(path)
+    assert config.model.student or config.model.student_init
+
+
+def test_overrides_apply_with_types():
+    config = load_config(CONFIGS / "tiny.yaml", ["train.lr=1e-4", "data.truncation.lsp=0.5",
+                                                 "data.supervision.kd=[cot,answer]",
+                                                 "train.max_steps=3"])
+    assert config.train.lr == 1e-4 and config.data.truncation.lsp == 0.5
+    assert config.data.supervision.kd == ("cot", "answer") and config.train.max_steps == 3
+
+
+def test_paper_config_matches_the_paper():
+    c = load_config(CONFIGS / "paper-qwen3-8b-to-4b.yaml")
+    assert (c.model.teacher, c.model.student) == ("Qwen/Qwen3-8B", "Qwen/Qwen3-4B-Base")
+    assert c.data.source == "bespokelabs/Bespoke-Stratos-17k" and c.data.limit == 8000
+    assert (c.train.lr, c.train.epochs, c.data.max_length) == (4e-6, 2.0, 4096)
+    assert (c.loss.kd_ratio, c.loss.divergence, c.data.truncation.lsp) == (0.5, "forward_kl", 0.5)
+    assert c.model.gradient_checkpointing and c.train.mixed_precision == "bf16"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.lrr=1", "unknown config key 'train.lrr'; did you mean train.lr"),
+    ("trian.lr=1", "did you mean train"),
+    ("data.truncation.lsp=1.5", "lsp must be within"),
+    ("loss.divergence=kl", "not one of"),
+    ("train.batch_size=two", "train.batch_size must be int"),
+    ("train.max_steps", "must look like key.path=value"),
+])
+def test_bad_values_are_clear_errors(override, message):
+    with pytest.raises(EssenceError, match=message):
+        load_config(CONFIGS / "tiny.yaml", [override])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load_config(CONFIGS / "tiny.yaml", ["data.truncation.window=0.5",
+                                                 "data.truncation.window_position=middle"])
+    save_config(config, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == config
+
+
+def test_parse_override_values():
+    assert parse_override("a.b=0.5") == ("a.b", 0.5)
+    assert parse_override("a=null") == ("a", None)
+    assert parse_override("a=x=y") == ("a", "x=y")

@@ -1,0 +1,197 @@
+"""Whole training runs on CPU with tiny random models and the small test tokenizer."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import RECORDS, build_small_tokenizer
+from essence.config import load_config
+from essence.data.batching import collate
+from essence.data.pipeline import prepare
+from essence.errors import EssenceError
+from essence.step import DistillStep, combine, loss_weights, step_token_counts
+from essence.teacher import OnlineTeacher, check_vocabularies
+from essence.train import train
+
+TINY = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 512}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    build_small_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "mix.jsonl"
+    names = ["bespoke_stratos", "openr1_messages", "flat_columns"]
+    path.write_text("".join((RECORDS / f"{n}.jsonl").read_text() for n in names))
+    return path
+
+
+def tiny_config(tokenizer_dir, data_file, *overrides):
+    teacher = dict(TINY, hidden_size=24)
+    base = [f"model.tokenizer={tokenizer_dir}", f"data.source={data_file}",
+            f"model.student_init={json.dumps(TINY)}", f"model.teacher_init={json.dumps(teacher)}",
+            "train.batch_size=2", "train.epochs=2", "train.lr=0.01", "train.progress=false",
+            "train.warmup_ratio=0"]
+    return load_config(None, base + list(overrides))
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_run_learns_and_accounts(tokenizer_dir, data_file, tmp_path):
+    full = train(tiny_config(tokenizer_dir, data_file, "train.epochs=6"), tmp_path / "full")
+    losses = [m["loss"] for m in metrics(tmp_path / "full")]
+    assert losses[-1] < losses[0] - 0.3
+    summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert summary == json.loads(json.dumps(full))
+    for key in ("student_tokens", "padding_tokens", "nll_tokens", "kd_tokens", "student_flops",
+                "teacher_flops", "wall_time_s", "time_per_step_s", "peak_memory_bytes",
+                "tokens_per_s", "final_train_loss"):
+        assert summary[key] is not None, key
+    assert (tmp_path / "full" / "config.yaml").is_file()
+    assert (tmp_path / "full" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "full" / "model" / "tokenizer.json").is_file()
+    half = train(tiny_config(tokenizer_dir, data_file, "train.epochs=6",
+                             "data.truncation.lsp=0.5"), tmp_path / "half")
+    token_ratio = half["student_tokens"] / full["student_tokens"]
+    flop_ratio = half["total_flops"] / full["total_flops"]
+    assert 0.45 < token_ratio < 0.52 and 0.3 < flop_ratio < 0.52
+    assert half["kd_tokens"] < full["kd_tokens"]
+
+
+def test_accumulation_is_equivalent_to_a_big_batch(tokenizer_dir, data_file):
+    config = tiny_config(tokenizer_dir, data_file)
+    tokenizer = build_small_tokenizer()
+    examples = prepare(config.data, tokenizer).examples[:8]
+    from essence.loading import random_causal_lm
+
+    student = random_causal_lm(TINY, len(tokenizer), seed=0)
+    teacher = OnlineTeacher(random_causal_lm(dict(TINY, hidden_size=24), len(tokenizer), 1),
+                            torch.device("cpu"))
+    step = DistillStep(student, config.loss, len(tokenizer))
+
+    def gradient(groups):
+        student.zero_grad()
+        batches = [collate(g, tokenizer.pad_token_id) for g in groups]
+        weights = loss_weights(*step_token_counts(batches), config.loss.kd_ratio)
+        for b in batches:
+            out = step(b.input_ids, b.attention_mask, b.nll_mask, b.kd_mask,
+                       teacher(b.input_ids, b.attention_mask), weights)
+            combine(out, weights).backward()
+        return torch.cat([p.grad.flatten() for p in student.parameters()])
+
+    one_big = gradient([examples])
+    many_small = gradient([[e] for e in examples])
+    torch.testing.assert_close(many_small, one_big, rtol=1e-4, atol=1e-6)
+
+
+def test_kill_and_resume_equals_uninterrupted(tokenizer_dir, data_file, tmp_path, monkeypatch):
+    overrides = ["train.max_steps=6", "train.save_every=2", "train.epochs=3"]
+    train(tiny_config(tokenizer_dir, data_file, *overrides), tmp_path / "straight")
+    from essence import train as train_module
+
+    original = train_module.Trainer.optimizer_step
+
+    def dying(self, batches):
+        if self.step == 3:  # steps 1-3 done, checkpoint at 2: die in the middle of step 4
+            raise KeyboardInterrupt
+        return original(self, batches)
+
+    monkeypatch.setattr(train_module.Trainer, "optimizer_step", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tokenizer_dir, data_file, *overrides), tmp_path / "killed")
+    monkeypatch.setattr(train_module.Trainer, "optimizer_step", original)
+    assert (tmp_path / "killed" / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    resumed = train(tiny_config(tokenizer_dir, data_file, *overrides), tmp_path / "killed",
+                    resume=True)
+    straight = metrics(tmp_path / "straight")
+    again = metrics(tmp_path / "killed")
+    assert [m["step"] for m in again] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(straight, again):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-9)
+    assert resumed["student_tokens"] == json.loads(
+        (tmp_path / "straight" / "summary.json").read_text())["student_tokens"]
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tokenizer_dir, data_file, tmp_path):
+    config = tiny_config(tokenizer_dir, data_file, "train.lr=1e30", "train.save_every=1",
+                         "train.max_grad_norm=null", "train.max_steps=5")
+    with pytest.raises(EssenceError, match=r"non-finite loss at step \d+ \(records \[.*intact"):
+        train(config, tmp_path / "nan")
+    latest = (tmp_path / "nan" / "checkpoints" / "latest").read_text().strip()
+    assert (tmp_path / "nan" / "checkpoints" / latest / "model.safetensors").is_file()
+
+
+def test_full_disk_at_checkpoint_keeps_previous(tokenizer_dir, data_file, tmp_path, monkeypatch):
+    config = tiny_config(tokenizer_dir, data_file, "train.save_every=1", "train.max_steps=3")
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.save_pretrained
+    calls = {"n": 0}
+
+    def flaky(self, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return original(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", flaky)
+    with pytest.raises(EssenceError, match="No space left on device.*earlier checkpoints are intact"):
+        train(config, tmp_path / "disk")
+    root = tmp_path / "disk" / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step-000001"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000001"]
+
+
+def test_bad_models_and_tokenizers(tokenizer_dir, data_file, tmp_path, qwen3_tokenizer):
+    with pytest.raises(EssenceError, match="student path .* does not exist"):
+        train(tiny_config(tokenizer_dir, data_file, "model.student_init=null",
+                          "model.student=./no/such/model"), tmp_path / "x")
+    with pytest.raises(EssenceError, match="different vocabularies"):
+        check_vocabularies(build_small_tokenizer(), qwen3_tokenizer, "qwen3")
+    with pytest.raises(EssenceError, match="needs a teacher"):
+        train(tiny_config(tokenizer_dir, data_file, "model.teacher_init=null"), tmp_path / "y")
+    with pytest.raises(EssenceError, match="too few for one optimizer step"):
+        train(tiny_config(tokenizer_dir, data_file, "train.batch_size=64"), tmp_path / "z")
+
+
+def test_validation_loss_is_reported(tokenizer_dir, data_file, tmp_path):
+    summary = train(tiny_config(tokenizer_dir, data_file, "data.val_fraction=0.25",
+                                "train.val_every=2", "train.max_steps=4"), tmp_path / "val")
+    assert summary["val_records"] == 2 and summary["final_val_loss"] > 0
+    assert "val_loss" in metrics(tmp_path / "val")[1]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_accumulation(tokenizer_dir, data_file, tmp_path):
+    common = ["train.max_steps=3", "train.batch_size=1", "train.epochs=1"]
+    config_file = tmp_path / "c.yaml"
+    from essence.config import save_config
+
+    save_config(tiny_config(tokenizer_dir, data_file, *common), config_file)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "-m", "essence", "train", str(config_file), "--out", str(tmp_path / "ddp")],
+        check=True, env=env, capture_output=True, timeout=300,
+    )
+    single = train(tiny_config(tokenizer_dir, data_file, *common, "train.grad_accum=2"),
+                   tmp_path / "single")
+    ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert ddp["processes"] == 2 and ddp["student_tokens"] == single["student_tokens"]
+    for a, b in zip(metrics(tmp_path / "ddp"), metrics(tmp_path / "single")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
