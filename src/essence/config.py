@@ -227,7 +227,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML experiment file (or defaults when None) and apply dotted overrides."""
     tree: dict = {}
     if path is not None:
-        path = Path(path)
+        from essence.loading import resolve
+
+        path = Path(resolve(str(path)))
         if not path.is_file():
             raise EssenceError(f"config file {path} does not exist")
         try:

@@ -12,11 +12,11 @@ ASSET_PREFIX = "essence:"
 
 
 def resolve(spec: str) -> str:
-    """Map 'essence:demo/teacher' to the shipped asset folder; pass anything else through."""
+    """Map 'essence:demo/teacher' (or essence:demo.yaml) to the shipped asset; pass others through."""
     if spec.startswith(ASSET_PREFIX):
         path = Path(str(resources.files("essence").joinpath("assets", spec[len(ASSET_PREFIX):])))
-        if not path.is_dir():
-            raise EssenceError(f"{spec!r} is not a model shipped with essence (no {path})")
+        if not path.exists():
+            raise EssenceError(f"{spec!r} is not an asset shipped with essence (no {path})")
         return str(path)
     return spec
 

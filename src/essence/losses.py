@@ -169,9 +169,19 @@ def divergence(student_logits: Tensor, teacher_logits: Tensor, kind: Divergence,
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} differ before the vocabulary dim")
     v = _compared_width(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size)
-    ls = torch.log_softmax(student_logits[..., :v].float() / temperature, dim=-1)
-    lt = torch.log_softmax(teacher_logits[..., :v].float() / temperature, dim=-1)
+    ls = torch.log_softmax(_scaled(_first_columns(student_logits, v).float(), temperature), dim=-1)
+    lt = torch.log_softmax(_scaled(_first_columns(teacher_logits, v).float(), temperature), dim=-1)
     return _divergence_values(ls, lt, kind, p) * temperature**2
+
+
+def _first_columns(x: Tensor, v: int) -> Tensor:
+    """x[..., :v]; x itself when it is v wide, so autograd keeps no full-size slice gradient."""
+    return x if x.shape[-1] == v else x[..., :v]
+
+
+def _scaled(x: Tensor, temperature: float) -> Tensor:
+    """x / τ, skipping the [..., V] copy at τ = 1."""
+    return x if temperature == 1.0 else x / temperature
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,7 +368,7 @@ def _fused_forward(student_hidden: Tensor, student_head: Tensor, labels: Tensor,
                 if grad_hidden[s] is None:
                     grad_hidden[s] = torch.zeros(student_hidden.shape, dtype=torch.float32,
                                                  device=student_hidden.device)
-                grad_hidden[s].index_copy_(0, idx, g @ head32 * 1.001)
+                grad_hidden[s].index_copy_(0, idx, g @ head32)
             if need_head_grad:
                 if grad_head[s] is None:
                     grad_head[s] = torch.zeros(student_head.shape, dtype=torch.float32,
@@ -520,7 +530,7 @@ def naive_distill_loss_sums(student_hidden: Tensor, student_head: Tensor, teache
                       kd_mask, kind, temperature, vocab_size, chunk_size, params, teacher_logits_fn,
                       None)
     v = spec.vocab
-    logits = student_hidden.float() @ student_head[:v].float().T
+    logits = student_hidden.float() @ _first_columns(student_head.T, v).float()
     nll_sum = F.cross_entropy(logits, labels.where(nll_mask, IGNORE_INDEX), ignore_index=IGNORE_INDEX,
                               reduction="sum")
     if not bool(kd_mask.any()):
@@ -529,6 +539,6 @@ def naive_distill_loss_sums(student_hidden: Tensor, student_head: Tensor, teache
         if teacher_logits_fn is not None:
             teacher_logits = teacher_logits_fn(torch.arange(student_hidden.shape[0], device=labels.device))
         else:
-            teacher_logits = teacher_hidden.float() @ teacher_head[:v].float().T
+            teacher_logits = teacher_hidden.float() @ _first_columns(teacher_head.T, v).float()
     per_token = divergence(logits, teacher_logits, kind, temperature=temperature, vocab_size=v, **spec.params)
     return nll_sum, torch.where(kd_mask, per_token, 0.0).sum()

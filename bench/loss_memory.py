@@ -1,0 +1,151 @@
+"""Peak memory and time of the chunked distillation loss against the naive one, on CPU.
+
+    python bench/loss_memory.py [--tokens 4096 --vocab 151936 --hidden 2560 --chunk 1024] [--small]
+
+Variants: "naive" materializes both models' full [tokens, vocab] logits and differentiates
+with autograd; "chunked" is distill_loss_sums as the training loop calls it (each sum
+keeps its own gradient); "chunked+weights" passes loss_weights so the two gradients are
+combined per chunk. Each variant runs one forward + backward of 0.5·NLL/N + 0.5·KD/N
+(forward KL, τ = 1, every token in both masks) in a fresh subprocess, so one variant's
+allocator state cannot hide another's peak. Memory "added" is the peak RSS during the
+loss (VmHWM, reset through /proc/self/clear_refs) minus the RSS once the inputs (both
+models' hidden states and LM heads) exist. The gradients returned for the hidden states
+and the head are part of it in every variant; "working" memory leaves them out.
+Targets: memory ratio ≤ 1/8, time ratio ≤ 1.2 (chunked / naive).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import resource
+import subprocess
+import sys
+import time
+
+VARIANTS = ("naive", "chunked", "chunked+weights")
+GIB = 1024**3
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=4096, help="supervised tokens in the micro-batch")
+    parser.add_argument("--vocab", type=int, default=151936, help="logit width of both models")
+    parser.add_argument("--hidden", type=int, default=2560, help="student hidden size")
+    parser.add_argument("--teacher-hidden", type=int, default=None, help="teacher hidden size (default: --hidden)")
+    parser.add_argument("--chunk", type=int, default=1024, help="tokens per chunk of the chunked loss")
+    parser.add_argument("--small", action="store_true", help="a quick check: 512 tokens, vocab 16384, hidden 256, chunk 128")
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.small:
+        args.tokens, args.vocab, args.hidden, args.chunk = 512, 16384, 256, 128
+    args.teacher_hidden = args.teacher_hidden or args.hidden
+    return args
+
+
+def status_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM, ...), in KiB."""
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+def limit_address_space() -> None:
+    """Make an allocation beyond the machine's free memory fail here, not OOM-kill a neighbour."""
+    with open("/proc/meminfo") as f:
+        available_kib = int(re.search(r"^MemAvailable:\s+(\d+) kB", f.read(), re.M).group(1))
+    limit = (status_kib("VmSize") + available_kib - 1024**2) * 1024  # leave 1 GiB to the others
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def make_inputs(args: argparse.Namespace, tokens: int, vocab: int) -> dict:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    hidden, teacher_hidden = args.hidden, args.teacher_hidden
+    return dict(
+        student_hidden=torch.randn(tokens, hidden, generator=g).requires_grad_(True),
+        student_head=(torch.randn(vocab, hidden, generator=g) / hidden**0.5).requires_grad_(True),
+        teacher_hidden=torch.randn(tokens, teacher_hidden, generator=g),
+        teacher_head=torch.randn(vocab, teacher_hidden, generator=g) / teacher_hidden**0.5,
+        labels=torch.randint(0, vocab, (tokens,), generator=g),
+        nll_mask=torch.ones(tokens, dtype=torch.bool),
+        kd_mask=torch.ones(tokens, dtype=torch.bool),
+    )
+
+
+def loss_step(variant: str, inputs: dict, chunk: int) -> float:
+    """One forward + backward of the loss; returns its value."""
+    from essence.losses import distill_loss_sums, naive_distill_loss_sums
+
+    n = inputs["labels"].numel()
+    weights = (0.5 / n, 0.5 / n)
+    if variant == "naive":
+        nll, kd = naive_distill_loss_sums(**inputs, kind="forward_kl")
+    elif variant == "chunked":
+        nll, kd = distill_loss_sums(**inputs, kind="forward_kl", chunk_size=chunk)
+    elif variant == "chunked+weights":
+        nll, kd = distill_loss_sums(**inputs, kind="forward_kl", chunk_size=chunk, loss_weights=weights)
+    loss = weights[0] * nll + weights[1] * kd
+    loss.backward()
+    return float(loss)
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """Measure one variant in this (fresh) process."""
+    import torch
+
+    limit_address_space()
+    loss_step(args.worker, make_inputs(args, 8, 64), 4)  # first-call costs (kernels, threads) off the clock
+    inputs = make_inputs(args, args.tokens, args.vocab)
+    base_kib = status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    start = time.perf_counter()
+    try:
+        loss = loss_step(args.worker, inputs, args.chunk)
+    except (RuntimeError, MemoryError) as e:  # torch reports a failed allocation as RuntimeError
+        return {"variant": args.worker, "error": str(e).splitlines()[0][:200]}
+    seconds = time.perf_counter() - start
+    grads = sum(inputs[k].grad.nbytes for k in ("student_hidden", "student_head"))
+    return {"variant": args.worker, "seconds": seconds, "loss": loss, "threads": torch.get_num_threads(),
+            "added": (status_kib("VmHWM") - base_kib) * 1024, "grads": grads}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    sizes = ["--tokens", str(args.tokens), "--vocab", str(args.vocab), "--hidden", str(args.hidden),
+             "--teacher-hidden", str(args.teacher_hidden), "--chunk", str(args.chunk)]
+    print(f"tokens {args.tokens}, vocab {args.vocab}, hidden {args.hidden} (teacher {args.teacher_hidden}), "
+          f"chunk {args.chunk}; fp32 on CPU, forward KL, τ = 1, all tokens in both masks")
+    results = {}
+    for variant in VARIANTS:
+        out = subprocess.run([sys.executable, __file__, "--worker", variant, *sizes],
+                             capture_output=True, text=True, check=False)
+        lines = out.stdout.strip().splitlines()
+        if out.returncode != 0 or not lines:
+            sys.exit(f"{variant} failed:\n{out.stderr[-2000:]}")
+        results[variant] = r = json.loads(lines[-1])
+        if "error" in r:
+            print(f"{variant:>16}: failed: {r['error']}")
+            continue
+        print(f"{variant:>16}: {r['seconds']:7.1f} s   added {r['added'] / GIB:6.2f} GiB   "
+              f"working (added − gradients) {(r['added'] - r['grads']) / GIB:6.2f} GiB   "
+              f"loss {r['loss']:.6f}   threads {r['threads']}")
+    naive = results["naive"]
+    if "error" in naive:
+        return
+    for variant in VARIANTS[1:]:
+        r = results[variant]
+        if "error" in r:
+            continue
+        print(f"{variant} / naive:  memory added {r['added'] / naive['added']:.3f} (target ≤ 0.125), "
+              f"working {(r['added'] - r['grads']) / (naive['added'] - naive['grads']):.3f}, "
+              f"time {r['seconds'] / naive['seconds']:.2f} (target ≤ 1.2)")
+
+
+if __name__ == "__main__":
+    main()

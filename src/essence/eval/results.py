@@ -1,0 +1,109 @@
+"""Evaluation results: one details line per problem, a summary per benchmark, files and a table.
+
+The summary is computed from the details lines alone, so anyone can recompute (or re-grade)
+a benchmark from details.jsonl and get the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+from essence.eval.benchmarks import Problem
+from essence.eval.generate import Sample
+from essence.eval.grading import THINK_CLOSE, GradeResult, pass_at_k
+
+SUMMARY_FILE = "summary.json"
+DETAILS_FILE = "details.jsonl"
+
+
+def details_line(benchmark: str, problem: Problem, prompt: str, samples: list[Sample], grades: list[GradeResult]) -> dict:
+    """Everything about one problem: its prompt, gold, and each response with its grade."""
+    return {
+        "benchmark": benchmark,
+        "id": problem.id,
+        "problem": problem.problem,
+        "prompt": prompt,
+        "gold": problem.answer,
+        "responses": [s.text for s in samples],
+        "extracted": [g.extracted for g in grades],
+        "correct": [g.correct for g in grades],
+        "num_tokens": [s.num_tokens for s in samples],
+        "truncated": [s.truncated for s in samples],
+        "grading_errors": [g.error for g in grades],
+        "meta": problem.meta,
+    }
+
+
+def pass_k_values(n: int) -> list[int]:
+    """The k reported for n samples: powers of two up to n, and n itself."""
+    ks = [1 << i for i in range(n.bit_length()) if 1 << i <= n]
+    return ks if ks[-1] == n else ks + [n]
+
+
+def summarize(lines: list[dict], *, benchmark: str, model: str, seconds: float) -> dict[str, Any]:
+    """One benchmark's scores from its details lines (all with the same number of samples n)."""
+    n = len(lines[0]["correct"])
+    assert all(len(line["correct"]) == n for line in lines), "every problem must have n samples"
+    counts = [sum(line["correct"]) for line in lines]
+    tokens = [t for line in lines for t in line["num_tokens"]]
+    responses = [r for line in lines for r in line["responses"]]
+    return {
+        "benchmark": benchmark,
+        "model": model,
+        "n": n,
+        "num_problems": len(lines),
+        # pass@1 is the mean accuracy over all samples (pass_at_k(n, c, 1) == c / n).
+        "pass@1": float(mean(c / n for c in counts)),
+        "pass@k": {str(k): float(mean(pass_at_k(n, c, k) for c in counts)) for k in pass_k_values(n)},
+        "mean_response_tokens": float(mean(tokens)),
+        "think_closed_frac": float(mean(THINK_CLOSE in r for r in responses)),
+        "truncated_frac": float(mean(t for line in lines for t in line["truncated"])),
+        "grading_errors": sum(e is not None for line in lines for e in line["grading_errors"]),
+        "time_s": round(seconds, 3),
+    }
+
+
+def write_results(out_dir: Path, summary: dict, lines: list[dict]) -> None:
+    """Write summary.json and details.jsonl; each file is replaced whole or not at all."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out_dir / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    # default=str: a local file's extra columns (dates, decimals) must not stop the write.
+    text = "".join(json.dumps(line, ensure_ascii=False, default=str) + "\n" for line in lines)
+    _write_atomic(out_dir / DETAILS_FILE, text)
+
+
+def print_table(entries: list[dict]) -> None:
+    """The per-benchmark scores as a console table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="evaluation")
+    for column in ("benchmark", "problems", "n", "pass@1", "pass@k", "tokens", "think closed", "cut off", "grade errors", "time"):
+        table.add_column(column, justify="left" if column == "benchmark" else "right")
+    for e in entries:
+        k_max = max(e["pass@k"], key=int)
+        table.add_row(
+            e["benchmark"], str(e["num_problems"]), str(e["n"]), f"{e['pass@1']:.3f}",
+            f"@{k_max} {e['pass@k'][k_max]:.3f}", f"{e['mean_response_tokens']:.0f}",
+            f"{e['think_closed_frac']:.0%}", f"{e['truncated_frac']:.0%}", str(e["grading_errors"]),
+            f"{e['time_s']:.0f}s",
+        )
+    Console().print(table)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # A temp file in the same folder, then os.replace: readers never see half a file,
+    # and an interrupted run leaves the previous complete file in place.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,147 @@
+"""Evaluate a model on benchmarks: prompts → n samples each → grades → summary.json + details.jsonl."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from essence.errors import EssenceError
+from essence.eval.benchmarks import load_benchmark
+from essence.eval.generate import Backend, SamplingSettings, generate_hf, generate_vllm
+from essence.eval.grading import grade_detail
+from essence.eval.prompting import DEFAULT_INSTRUCTION, build_prompt
+from essence.eval.results import details_line, print_table, summarize, write_results
+
+
+def evaluate(
+    model: Any,
+    benches: list[str],
+    *,
+    out_dir: str | Path,
+    n: int = 1,
+    max_new_tokens: int = 4096,
+    temperature: float = 0.6,
+    top_p: float = 0.95,
+    backend: Backend = "hf",
+    seed: int = 0,
+    limit: int | None = None,
+    batch_size: int = 8,
+    instruction: str | None = DEFAULT_INSTRUCTION,
+    system: str | None = None,
+    chat_template: str | None = None,
+    field_map: dict[str, str] | None = None,
+    tokenizer: Any = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Sample `n` responses per problem of each benchmark, grade them, write and return the summary.
+
+    model: a checkpoint directory or hub id, or an already-loaded model (or (model, tokenizer)).
+    benches: benchmark names (math500, aime24, aime25, gsm8k) or local .jsonl/.json/.parquet files.
+    out_dir: gets summary.json (scores per benchmark) and details.jsonl (one line per problem),
+        rewritten after each benchmark so a long run keeps what it finished.
+    batch_size: sequences per `generate` call (hf backend; vLLM schedules its own batches).
+    Returns the summary.json content: {"model", "settings", "benchmarks": [per-benchmark scores]}.
+    """
+    settings = SamplingSettings(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    settings.check()
+    if backend not in ("hf", "vllm"):
+        raise EssenceError(f"backend must be 'hf' or 'vllm', got {backend!r}")
+    if not benches:
+        raise EssenceError("no benchmark given; pass at least one --bench NAME_OR_FILE")
+    if len(set(benches)) != len(benches):
+        raise EssenceError(f"a benchmark is listed twice in {benches}; list each once")
+    # Every benchmark is read before the model loads, so a bad file fails in seconds, not minutes.
+    problems = {bench: load_benchmark(bench, field_map=field_map, limit=limit) for bench in benches}
+    loaded, tokenizer, model_name = _load(model, tokenizer, backend)
+
+    run_settings = {**asdict(settings), "backend": backend, "limit": limit, "batch_size": batch_size,
+                    "instruction": instruction, "system": system, "chat_template": chat_template}
+    summary: dict[str, Any] = {"model": model_name, "settings": run_settings, "benchmarks": []}
+    lines: list[dict] = []
+    for bench, bench_problems in problems.items():
+        started = time.perf_counter()
+        prompts = [
+            build_prompt(tokenizer, p.problem, instruction=instruction, system=system, chat_template=chat_template)
+            for p in bench_problems
+        ]
+        if backend == "hf":
+            samples = generate_hf(loaded, tokenizer, prompts, settings, batch_size=batch_size, progress=progress)
+        elif backend == "vllm":
+            samples = generate_vllm(model_name, tokenizer, prompts, settings, tokenizer_path=_path_or_none(tokenizer),
+                                    progress=progress)
+        bench_lines = [
+            details_line(bench, problem, prompt, row, [grade_detail(s.text, problem.answer) for s in row])
+            for problem, prompt, row in zip(bench_problems, prompts, samples)
+        ]
+        lines += bench_lines
+        entry = summarize(bench_lines, benchmark=bench, model=model_name, seconds=time.perf_counter() - started)
+        summary["benchmarks"].append(entry)
+        write_results(Path(out_dir), summary, lines)
+    if progress:
+        print_table(summary["benchmarks"])
+    return summary
+
+
+def _load(model: Any, tokenizer: Any, backend: Backend) -> tuple[Any, Any, str]:
+    """(loaded model or None for vLLM, tokenizer, the model's name for the summary)."""
+    if isinstance(model, tuple):
+        model, tokenizer = model
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = _load_tokenizer(str(tokenizer))
+    if not isinstance(model, (str, Path)):
+        if backend == "vllm":
+            raise EssenceError("backend 'vllm' loads the model itself: pass a checkpoint path or hub id, not a loaded model")
+        if tokenizer is None:
+            raise EssenceError("a loaded model needs its tokenizer: pass (model, tokenizer) or tokenizer=...")
+        return model, tokenizer, getattr(model, "name_or_path", "") or "in-memory model"
+    name = str(model)
+    _check_model_path(name)
+    if tokenizer is None:
+        tokenizer = _load_tokenizer(name)
+    if backend == "vllm":
+        return None, tokenizer, name
+    from transformers import AutoModelForCausalLM
+    import torch
+
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(name, dtype="auto")
+    except OSError as err:
+        raise EssenceError(f"could not load model {name!r}: {_first_line(err)}") from None
+    loaded.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    return loaded, tokenizer, name
+
+
+def _check_model_path(name: str) -> None:
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise EssenceError(
+                f"model directory {name} has no config.json; point --model at a Hugging Face checkpoint "
+                "directory (config.json, weights and tokenizer files) or a hub id"
+            )
+    elif path.exists():
+        raise EssenceError(f"model {name} is a file; point --model at a checkpoint directory or a hub id")
+    # A hub id is "name" or "org/name"; anything else that does not exist is a mistyped path.
+    elif name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:
+        raise EssenceError(f"model path {name} does not exist; check the path (or pass a hub id such as Qwen/Qwen3-8B)")
+
+
+def _load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except OSError as err:
+        raise EssenceError(f"could not load the tokenizer of {name!r}: {_first_line(err)}") from None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return (text.splitlines() or [type(err).__name__])[0]
+
+
+def _path_or_none(tokenizer: Any) -> str | None:
+    path = getattr(tokenizer, "name_or_path", None)
+    return path if path and Path(path).exists() else None

@@ -1,0 +1,160 @@
+"""The trade-off report: accuracy against what each run cost, across a folder of runs.
+
+Every run directory with a summary.json becomes one row. The baseline is the
+full-sequence run (truncation lsp=1, or the run named by --baseline); retention and
+savings are measured against it. Evaluation-only directories (a summary with an eval
+block but no training) appear as reference rows, e.g. the undistilled base student.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from essence.errors import EssenceError
+
+COLUMNS = ("run", "truncation", "lsp", "accuracy", "retention_pct", "student_tokens",
+           "total_flops", "wall_time_s", "peak_memory_bytes", "token_saving_pct",
+           "flops_saving_pct", "time_saving_pct", "memory_saving_pct")
+
+
+def accuracy_of(summary: dict) -> float | None:
+    """Mean pass@1 over the run's evaluated benchmarks (None when it was not evaluated)."""
+    results = summary.get("eval") or {}
+    benches = results.get("benchmarks", results) if isinstance(results, dict) else {}
+    scores = [b["pass@1"] for b in benches.values() if isinstance(b, dict) and "pass@1" in b]
+    return sum(scores) / len(scores) if scores else None
+
+
+def _lsp(run_dir: Path) -> float | None:
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        return None
+    truncation = (yaml.safe_load(config.read_text()) or {}).get("data", {}).get("truncation", {})
+    if any(truncation.get(k) for k in ("window", "cot_lead", "cut_after_think")):
+        return None
+    return truncation.get("lsp")
+
+
+def _saving(value, base) -> float | None:
+    if value is None or not base:
+        return None
+    return 100.0 * (1.0 - value / base)
+
+
+def collect(runs_dir: Path, baseline: str | None = None) -> list[dict]:
+    """One row per run directory under runs_dir, with retention and savings filled in."""
+    if not runs_dir.is_dir():
+        raise EssenceError(f"{runs_dir} is not a directory of runs")
+    rows = []
+    for summary_path in sorted(runs_dir.glob("*/summary.json")):
+        summary = json.loads(summary_path.read_text())
+        run_dir = summary_path.parent
+        rows.append({
+            "run": run_dir.name, "truncation": summary.get("truncation", "-"), "lsp": _lsp(run_dir),
+            "accuracy": accuracy_of(summary), "trained": "steps" in summary,
+            "student_tokens": summary.get("student_tokens"), "total_flops": summary.get("total_flops"),
+            "wall_time_s": summary.get("wall_time_s"),
+            "peak_memory_bytes": summary.get("peak_memory_bytes"),
+        })
+    if not rows:
+        raise EssenceError(f"no run under {runs_dir} has a summary.json yet")
+    base = _baseline(rows, baseline)
+    for row in rows:
+        trained = row.pop("trained")
+        acc, base_acc = row["accuracy"], base["accuracy"] if base else None
+        row["retention_pct"] = 100.0 * acc / base_acc if acc is not None and base_acc else None
+        for key, name in (("student_tokens", "token"), ("total_flops", "flops"),
+                          ("wall_time_s", "time"), ("peak_memory_bytes", "memory")):
+            row[f"{name}_saving_pct"] = _saving(row[key], base[key]) if base and trained else None
+    rows.sort(key=lambda r: (r["lsp"] is None, -(r["lsp"] or 0), r["run"]))
+    return rows
+
+
+def _baseline(rows: list[dict], name: str | None) -> dict | None:
+    if name is not None:
+        for row in rows:
+            if row["run"] == name:
+                return row
+        raise EssenceError(f"--baseline {name!r} is not a run here; runs: "
+                           f"{', '.join(r['run'] for r in rows)}")
+    full = [r for r in rows if r["truncation"] == "lsp=1"]
+    return full[0] if full else None
+
+
+def _fmt(key: str, value) -> str:
+    if value is None:
+        return "-"
+    if key == "accuracy":
+        return f"{value:.1%}"
+    if key.endswith("_pct"):
+        return f"{value:.1f}%"
+    if key == "total_flops":
+        return f"{value:.3g}"
+    if key == "peak_memory_bytes":
+        return f"{value / 2**20:.0f} MiB"
+    if key == "wall_time_s":
+        return f"{value:.1f} s"
+    return str(value)
+
+
+def to_markdown(rows: list[dict]) -> str:
+    header = "| " + " | ".join(COLUMNS) + " |"
+    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
+    body = ["| " + " | ".join(_fmt(c, r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join([header, rule, *body]) + "\n"
+
+
+def plot(rows: list[dict], out: Path) -> list[Path]:
+    """accuracy_vs_flops.png and accuracy_vs_lsp.png; reference rows as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trained = [r for r in rows if r["accuracy"] is not None and r["total_flops"]]
+    references = [r for r in rows if r["accuracy"] is not None and not r["total_flops"]]
+    written = []
+    for name, key, label in (("accuracy_vs_flops.png", "total_flops", "training FLOPs (student + teacher)"),
+                             ("accuracy_vs_lsp.png", "lsp", "lead-span proportion (LSP)")):
+        points = sorted((r for r in trained if r[key] is not None), key=lambda r: r[key])
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([r[key] for r in points], [100 * r["accuracy"] for r in points], "o-")
+        for r in points:
+            ax.annotate(r["run"], (r[key], 100 * r["accuracy"]), fontsize=7,
+                        textcoords="offset points", xytext=(4, 4))
+        for r in references:
+            ax.axhline(100 * r["accuracy"], linestyle="--", color="grey")
+            ax.text(ax.get_xlim()[0], 100 * r["accuracy"], f" {r['run']}", fontsize=7, va="bottom")
+        ax.set_xlabel(label)
+        ax.set_ylabel("accuracy (pass@1, %)")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        written.append(out / name)
+    return written
+
+
+def build_report(runs_dir: str | Path, out: str | Path | None = None,
+                 baseline: str | None = None, console=None) -> list[dict]:
+    """Write report.md, report.json and the plots; print the table; return the rows."""
+    runs_dir = Path(runs_dir)
+    out = Path(out) if out else runs_dir
+    out.mkdir(parents=True, exist_ok=True)
+    rows = collect(runs_dir, baseline)
+    (out / "report.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "report.md").write_text("# Trade-off report\n\n" + to_markdown(rows))
+    plot(rows, out)
+    if console is not None:
+        from rich.table import Table
+
+        table = Table(title=f"trade-off report: {runs_dir}")
+        for column in COLUMNS:
+            table.add_column(column.replace("_", " "), justify="left" if column == "run" else "right")
+        for row in rows:
+            table.add_row(*(_fmt(c, row.get(c)) for c in COLUMNS))
+        console.print(table)
+    return rows
