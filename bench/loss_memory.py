@@ -1,6 +1,7 @@
 """Peak memory and time of the chunked distillation loss against the naive one, on CPU.
 
     python bench/loss_memory.py [--tokens 4096 --vocab 151936 --hidden 2560 --chunk 1024] [--small]
+    python bench/loss_memory.py --device cuda --dtype bfloat16     # the same on a GPU
 
 Variants: "naive" materializes both models' full [tokens, vocab] logits and differentiates
 with autograd; "chunked" is distill_loss_sums as the training loop calls it (each sum
@@ -10,7 +11,9 @@ combined per chunk. Each variant runs one forward + backward of 0.5·NLL/N + 0.5
 allocator state cannot hide another's peak. Memory "added" is the peak RSS during the
 loss (VmHWM, reset through /proc/self/clear_refs) minus the RSS once the inputs (both
 models' hidden states and LM heads) exist. The gradients returned for the hidden states
-and the head are part of it in every variant; "working" memory leaves them out.
+and the head are part of it in every variant; "working" memory leaves them out. On a GPU,
+memory is the CUDA allocator's peak above what the inputs hold, and the time is taken after
+one untimed pass at full size.
 Targets: memory ratio ≤ 1/8, time ratio ≤ 1.2 (chunked / naive).
 """
 
@@ -35,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=2560, help="student hidden size")
     parser.add_argument("--teacher-hidden", type=int, default=None, help="teacher hidden size (default: --hidden)")
     parser.add_argument("--chunk", type=int, default=1024, help="tokens per chunk of the chunked loss")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="of the hidden states and heads (the loss computes in fp32 either way)")
     parser.add_argument("--small", action="store_true", help="a quick check: 512 tokens, vocab 16384, hidden 256, chunk 128")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -63,14 +69,18 @@ def make_inputs(args: argparse.Namespace, tokens: int, vocab: int) -> dict:
 
     g = torch.Generator().manual_seed(0)
     hidden, teacher_hidden = args.hidden, args.teacher_hidden
+
+    def tensor(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(args.device, getattr(torch, args.dtype))
+
     return dict(
-        student_hidden=torch.randn(tokens, hidden, generator=g).requires_grad_(True),
-        student_head=(torch.randn(vocab, hidden, generator=g) / hidden**0.5).requires_grad_(True),
-        teacher_hidden=torch.randn(tokens, teacher_hidden, generator=g),
-        teacher_head=torch.randn(vocab, teacher_hidden, generator=g) / teacher_hidden**0.5,
-        labels=torch.randint(0, vocab, (tokens,), generator=g),
-        nll_mask=torch.ones(tokens, dtype=torch.bool),
-        kd_mask=torch.ones(tokens, dtype=torch.bool),
+        student_hidden=tensor(tokens, hidden).requires_grad_(True),
+        student_head=tensor(vocab, hidden, scale=hidden**-0.5).requires_grad_(True),
+        teacher_hidden=tensor(tokens, teacher_hidden),
+        teacher_head=tensor(vocab, teacher_hidden, scale=teacher_hidden**-0.5),
+        labels=torch.randint(0, vocab, (tokens,), generator=g).to(args.device),
+        nll_mask=torch.ones(tokens, dtype=torch.bool, device=args.device),
+        kd_mask=torch.ones(tokens, dtype=torch.bool, device=args.device),
     )
 
 
@@ -78,6 +88,8 @@ def loss_step(variant: str, inputs: dict, chunk: int) -> float:
     """One forward + backward of the loss; returns its value."""
     from essence.losses import distill_loss_sums, naive_distill_loss_sums
 
+    for name in ("student_hidden", "student_head"):
+        inputs[name].grad = None
     n = inputs["labels"].numel()
     weights = (0.5 / n, 0.5 / n)
     if variant == "naive":
@@ -88,28 +100,41 @@ def loss_step(variant: str, inputs: dict, chunk: int) -> float:
         nll, kd = distill_loss_sums(**inputs, kind="forward_kl", chunk_size=chunk, loss_weights=weights)
     loss = weights[0] * nll + weights[1] * kd
     loss.backward()
-    return float(loss)
+    return float(loss.detach())
 
 
 def worker(args: argparse.Namespace) -> dict:
     """Measure one variant in this (fresh) process."""
     import torch
 
-    limit_address_space()
+    cuda = args.device == "cuda"
+    if not cuda:  # CUDA reserves more address space than memory: no limit there
+        limit_address_space()
     loss_step(args.worker, make_inputs(args, 8, 64), 4)  # first-call costs (kernels, threads) off the clock
     inputs = make_inputs(args, args.tokens, args.vocab)
-    base_kib = status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
-    start = time.perf_counter()
     try:
+        if cuda:
+            loss_step(args.worker, inputs, args.chunk)
+            for name in ("student_hidden", "student_head"):
+                inputs[name].grad = None
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            base = status_kib("VmRSS") * 1024
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+        start = time.perf_counter()
         loss = loss_step(args.worker, inputs, args.chunk)
+        if cuda:
+            torch.cuda.synchronize()
     except (RuntimeError, MemoryError) as e:  # torch reports a failed allocation as RuntimeError
         return {"variant": args.worker, "error": str(e).splitlines()[0][:200]}
     seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if cuda else status_kib("VmHWM") * 1024
     grads = sum(inputs[k].grad.nbytes for k in ("student_hidden", "student_head"))
     return {"variant": args.worker, "seconds": seconds, "loss": loss, "threads": torch.get_num_threads(),
-            "added": (status_kib("VmHWM") - base_kib) * 1024, "grads": grads}
+            "added": peak - base, "grads": grads}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,9 +143,11 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(worker(args)))
         return
     sizes = ["--tokens", str(args.tokens), "--vocab", str(args.vocab), "--hidden", str(args.hidden),
-             "--teacher-hidden", str(args.teacher_hidden), "--chunk", str(args.chunk)]
+             "--teacher-hidden", str(args.teacher_hidden), "--chunk", str(args.chunk),
+             "--device", args.device, "--dtype", args.dtype]
     print(f"tokens {args.tokens}, vocab {args.vocab}, hidden {args.hidden} (teacher {args.teacher_hidden}), "
-          f"chunk {args.chunk}; fp32 on CPU, forward KL, τ = 1, all tokens in both masks")
+          f"chunk {args.chunk}; {args.dtype} inputs on {args.device}, forward KL, τ = 1, "
+          "all tokens in both masks")
     results = {}
     for variant in VARIANTS:
         out = subprocess.run([sys.executable, __file__, "--worker", variant, *sizes],
@@ -130,9 +157,10 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"{variant} failed:\n{out.stderr[-2000:]}")
         results[variant] = r = json.loads(lines[-1])
         if "error" in r:
-            print(f"{variant:>16}: failed: {r['error']}")
+            print(f"{variant:>16}: failed: {r['error']} (memory is capped at what the machine "
+                  "has available less 1 GiB; try fewer --tokens)")
             continue
-        print(f"{variant:>16}: {r['seconds']:7.1f} s   added {r['added'] / GIB:6.2f} GiB   "
+        print(f"{variant:>16}: {r['seconds']:7.3f} s   added {r['added'] / GIB:6.2f} GiB   "
               f"working (added − gradients) {(r['added'] - r['grads']) / GIB:6.2f} GiB   "
               f"loss {r['loss']:.6f}   threads {r['threads']}")
     naive = results["naive"]

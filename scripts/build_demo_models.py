@@ -142,9 +142,9 @@ def batches(examples: list[tuple[list[int], list[bool]]], batch: int, rng: rando
     while True:
         order = list(range(len(examples)))
         rng.shuffle(order)
-        for lo in range(0, len(order) - 64 * batch + 1, 64 * batch):
+        for lo in range(0, len(order), 64 * batch):
             chunk = sorted(order[lo : lo + 64 * batch], key=lambda i: len(examples[i][0]))
-            groups = [chunk[i : i + batch] for i in range(0, len(chunk), batch)]
+            groups = [chunk[i : i + batch] for i in range(0, len(chunk) - batch + 1, batch)]
             rng.shuffle(groups)
             for g in groups:
                 yield collate([examples[i] for i in g], pad)

@@ -10,6 +10,7 @@ import pytest
 
 from essence.eval.grading import (
     MAX_ANSWER_CHARS,
+    GradeResult,
     answer_region,
     clean_gold,
     extract_answer,
@@ -82,7 +83,7 @@ def test_the_answer_after_the_think_block_wins() -> None:
 
 def test_a_boxed_answer_only_inside_a_closed_think_block_does_not_count() -> None:
     result = grade_detail("<think>so it is \\boxed{4}</think>\nI am not sure.", "4")
-    assert result == result.__class__(correct=False, extracted=None, error=None)
+    assert result == GradeResult(correct=False, extracted=None, error=None)
 
 
 def test_an_unclosed_think_block_is_graded_as_a_whole() -> None:
@@ -122,9 +123,10 @@ def test_malformed_latex_never_crashes(response: str) -> None:
     assert result.correct is False
 
 
-def test_a_malformed_gold_is_an_error_not_a_crash() -> None:
-    result = grade_detail("\\boxed{5}", "\\frac{")
+def test_an_unparseable_gold_is_a_recorded_error_not_a_crash() -> None:
+    result = grade_detail("\\boxed{5}", "}{")
     assert result.correct is False
+    assert "gold" in (result.error or "")
 
 
 def test_an_overlong_answer_is_reported_not_parsed() -> None:
@@ -142,7 +144,11 @@ def test_a_hanging_comparison_times_out_and_grading_continues() -> None:
 
 
 def test_grading_works_from_worker_threads() -> None:
-    cases = [("\\boxed{0.5}", "\\frac{1}{2}", True), ("\\boxed{(1,4]}", "(1,4]", True), ("\\boxed{3}", "-3", False)]
+    cases = [
+        ("\\boxed{0.5}", "\\frac{1}{2}", True),
+        ("\\boxed{(1,4]}", "(1,4]", True),
+        ("\\boxed{3}", "-3", False),
+    ]
     results: dict[int, bool] = {}
     errors: list[BaseException] = []
 
@@ -152,7 +158,9 @@ def test_grading_works_from_worker_threads() -> None:
         except BaseException as exc:  # a SIGALRM-based timeout would raise here
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(i, r, g)) for i, (r, g, _) in enumerate(cases * 2)]
+    threads = [
+        threading.Thread(target=work, args=(i, r, g)) for i, (r, g, _) in enumerate(cases * 2)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -180,6 +188,8 @@ def test_pass_at_k_matches_the_definition_and_is_monotone_in_k() -> None:
     for n in (1, 3, 16):
         for c in range(n + 1):
             values = [pass_at_k(n, c, k) for k in range(1, n + 1)]
-            assert values == pytest.approx([1 - comb(n - c, k) / comb(n, k) for k in range(1, n + 1)])
+            assert values == pytest.approx(
+                [1 - comb(n - c, k) / comb(n, k) for k in range(1, n + 1)]
+            )
             assert values == sorted(values)
     assert pass_at_k(1024, 1, 1) == pytest.approx(1 / 1024)  # big n stays exact

@@ -286,3 +286,19 @@ def test_bad_inputs_are_named():
         distill_loss_sums(**dict(inputs, teacher_hidden=None, teacher_head=None), kind="tvd")
     with pytest.raises(ValueError, match=r"chunk_size=0 must be a positive integer"):
         distill_loss_sums(**inputs, kind="tvd", chunk_size=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("kind", "params"), CASES, ids=IDS)
+def test_chunked_equals_naive_on_gpu(kind, params, dtype):
+    on_cpu = problem(seed=10, dtype=dtype)
+    inputs = {k: v.detach().cuda().requires_grad_(v.requires_grad) for k, v in on_cpu.items()}
+    kw = dict(kind=kind, temperature=2.0, params=params)
+    expected = run(naive_distill_loss_sums, inputs, **kw)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    got = run(distill_loss_sums, inputs, chunk_size=7, **kw)
+    assert got[2].is_cuda and got[3].dtype == dtype
+    assert_same(got[:2], expected[:2], rtol=1e-4, atol=1e-4)
+    assert_same(got[2:], expected[2:], **tol)
+    assert_same(run(distill_loss_sums, inputs, chunk_size=7, loss_weights=(0.3, 0.7), **kw)[2:], expected[2:], **tol)

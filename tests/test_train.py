@@ -184,7 +184,7 @@ def test_two_process_ddp_matches_accumulation(tokenizer_dir, data_file, tmp_path
     save_config(tiny_config(tokenizer_dir, data_file, *common), config_file)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
          "-m", "essence", "train", str(config_file), "--out", str(tmp_path / "ddp")],
         check=True, env=env, capture_output=True, timeout=300,

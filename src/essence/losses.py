@@ -161,7 +161,8 @@ def divergence(student_logits: Tensor, teacher_logits: Tensor, kind: Divergence,
     student_logits: [..., V_s]; teacher_logits: [..., V_t] with the same leading dims.
     Only the first vocab_size columns (default min(V_s, V_t)) are compared.
     params: forward_ratio (combined_kl), beta (js), alpha (skew_kl, skew_reverse_kl).
-    Returns [...] fp32, differentiable w.r.t. both inputs.
+    Returns [...] fp32, differentiable w.r.t. both inputs. Logits must be finite; probabilities
+    that underflow to 0 are fine.
     """
     p = divergence_params(kind, params)
     _check_temperature(temperature)
@@ -189,8 +190,13 @@ def _scaled(x: Tensor, temperature: float) -> Tensor:
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
-    """Σ_v a·b per row, without a [rows, V] temporary: [rows, V] × [rows, V] → [rows]."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+    """Σ_v a·b per row: [rows, V] × [rows, V] → [rows].
+
+    In eighths of the rows, so the product's temporary is an eighth of a buffer. Not bmm:
+    a matmul may run in TF32 on a GPU, and the reverse-KL and JS gradients use these sums.
+    """
+    step = max(1, -(-a.shape[0] // 8))
+    return torch.cat([(a[i:i + step] * b[i:i + step]).sum(-1) for i in range(0, a.shape[0], step)])
 
 
 def _through_softmax(g: Tensor, ps: Tensor) -> Tensor:
@@ -361,6 +367,7 @@ def _fused_forward(student_hidden: Tensor, student_head: Tensor, labels: Tensor,
                 grads = [g_kd.mul_(w_kd) if g_nll is None else g_nll.mul_(w_nll)]
             else:
                 grads = [g_nll.mul_(w_nll).add_(g_kd, alpha=w_kd)]
+            g_nll = g_kd = None  # the KD buffer is free before the gradient matmuls
         for s, g in enumerate(grads):
             if g is None:
                 continue

@@ -80,9 +80,10 @@ class Trainer:
         if config.train.max_steps is not None:
             self.total_steps = min(self.total_steps, config.train.max_steps)
         step_module = DistillStep(self.models.student, config.loss, len(self.models.tokenizer))
-        optimizer, scheduler = build_optimizer(self.models.student, config.train, self.total_steps)
-        self.step_module, self.optimizer, self.scheduler = self.accelerator.prepare(
-            step_module, optimizer, scheduler)
+        optimizer, self.scheduler = build_optimizer(self.models.student, config.train,
+                                                    self.total_steps)
+        # The scheduler stays unwrapped: accelerate would step it once per process.
+        self.step_module, self.optimizer = self.accelerator.prepare(step_module, optimizer)
         self.ledger, self.step, self.elapsed = Ledger(), 0, 0.0
         self.last_train_loss, self.last_val_loss = None, None
         if checkpoint is not None:

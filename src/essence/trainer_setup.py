@@ -35,7 +35,8 @@ def make_accelerator(config: TrainConfig):
     precision = config.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "no"
-    accelerator = Accelerator(mixed_precision=precision)
+    # cpu=True lets several CPU processes (torchrun / accelerate launch) form a gloo group.
+    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
     set_seed(config.seed, deterministic=not torch.cuda.is_available())
     return accelerator
 

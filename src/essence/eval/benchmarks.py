@@ -29,7 +29,9 @@ class Problem:
     id: str
     problem: str
     answer: str  # bare LaTeX, e.g. "\\frac{3}{4}", "26", "(1,4]"
-    meta: dict[str, Any] = field(default_factory=dict)  # the row's other columns (subject, level, ...)
+    meta: dict[str, Any] = field(
+        default_factory=dict
+    )  # the row's other columns (subject, level, ...)
 
 
 class HubBenchmark(NamedTuple):
@@ -44,7 +46,9 @@ class HubBenchmark(NamedTuple):
 
 
 BENCHMARKS: dict[str, HubBenchmark] = {
-    "math500": HubBenchmark("HuggingFaceH4/MATH-500", None, "test", "problem", "answer", "unique_id"),
+    "math500": HubBenchmark(
+        "HuggingFaceH4/MATH-500", None, "test", "problem", "answer", "unique_id"
+    ),
     "aime24": HubBenchmark("HuggingFaceH4/aime_2024", None, "train", "problem", "answer", "id"),
     "aime25": HubBenchmark("math-ai/aime25", None, "test", "problem", "answer", "id"),
     "gsm8k": HubBenchmark("openai/gsm8k", "main", "test", "question", "answer", None),
@@ -56,19 +60,27 @@ def load_benchmark(
 ) -> list[Problem]:
     """The problems of a named benchmark (see BENCHMARKS) or of a local file, in file order.
 
-    field_map: column names for a local file, e.g. {"problem": "q", "answer": "a", "id": "key"}.
+    field_map: column names for a local file, e.g. {"problem": "q", "answer": "a", "id": "key"};
+        named benchmarks ignore it.
     limit: keep only the first `limit` problems.
     """
     if limit is not None and limit < 1:
-        raise EssenceError(f"limit must be at least 1, got {limit} (leave it unset to use every problem)")
+        raise EssenceError(
+            f"limit must be at least 1, got {limit} (leave it unset to use every problem)"
+        )
     field_map = _check_field_map(field_map)
     key = name_or_path.strip().lower()
     if key in BENCHMARKS:
         spec = BENCHMARKS[key]
-        columns = {"problem": spec.problem, "answer": spec.answer, **({"id": spec.id} if spec.id else {})}
+        # A hub benchmark's columns are known; field_map is for local files (and may name
+        # columns only those have, when one run mixes both).
+        field_map = {
+            "problem": spec.problem,
+            "answer": spec.answer,
+            **({"id": spec.id} if spec.id else {}),
+        }
         source = spec.dataset
         rows = _read_rows(spec.dataset, spec.config, spec.split)
-        field_map = {**columns, **field_map}
     else:
         path = _local_path(name_or_path)
         source = str(path)
@@ -81,7 +93,9 @@ def load_benchmark(
             raise EssenceError(f"{source} row {index}: {parse_error}; fix or delete that line")
         problems.append(_problem(row, index, source, field_map))
     if not problems:
-        raise EssenceError(f"{source} holds no problems; point --bench at a file with at least one row")
+        raise EssenceError(
+            f"{source} holds no problems; point --bench at a file with at least one row"
+        )
     return problems
 
 
@@ -103,7 +117,9 @@ def _local_path(name: str) -> Path:
         if not path.is_file():
             raise EssenceError(f"benchmark file {name} does not exist; check the path")
         if path.suffix.lower() not in FILE_SUFFIXES:
-            raise EssenceError(f"benchmark file {name}: unknown format; use {', '.join(FILE_SUFFIXES)}")
+            raise EssenceError(
+                f"benchmark file {name}: unknown format; use {', '.join(FILE_SUFFIXES)}"
+            )
         return path
     raise EssenceError(
         f"unknown benchmark {name!r}; known benchmarks are {', '.join(BENCHMARKS)}, "
@@ -127,18 +143,26 @@ def _check_field_map(field_map: dict[str, str] | None) -> dict[str, str]:
 def _problem(row: Any, index: int, source: str, field_map: dict[str, str]) -> Problem:
     where = f"{source} row {index}"
     if not isinstance(row, dict):
-        raise EssenceError(f"{where} is {type(row).__name__}, expected an object with problem and answer fields")
+        raise EssenceError(
+            f"{where} is {type(row).__name__}, expected an object with problem and answer fields"
+        )
     problem_key = _column(row, where, "problem", field_map, PROBLEM_KEYS)
     answer_key = _column(row, where, "answer", field_map, ANSWER_KEYS)
     problem = _text(row, problem_key, where)
     answer = _gold(_text(row, answer_key, where), answer_key, where)
     id_key = field_map.get("id") or next((k for k in ID_KEYS if row.get(k) is not None), None)
-    row_id = str(row[id_key]) if id_key and row.get(id_key) is not None else f"{Path(source).stem}:{index}"
+    row_id = (
+        str(row[id_key])
+        if id_key and row.get(id_key) is not None
+        else f"{Path(source).stem}:{index}"
+    )
     meta = {k: v for k, v in row.items() if k not in (problem_key, answer_key, id_key)}
     return Problem(id=row_id, problem=problem, answer=answer, meta=meta)
 
 
-def _column(row: dict, where: str, role: str, field_map: dict[str, str], keys: tuple[str, ...]) -> str:
+def _column(
+    row: dict, where: str, role: str, field_map: dict[str, str], keys: tuple[str, ...]
+) -> str:
     if role in field_map:
         if field_map[role] not in row:
             raise EssenceError(

@@ -17,30 +17,63 @@ def add_parser(subparsers) -> None:
         description="Sample n responses per problem, grade the final answers with math-verify, and "
         "write OUT/summary.json (pass@k per benchmark) and OUT/details.jsonl (every response).",
     )
-    parser.add_argument("--model", required=True, metavar="PATH_OR_ID", help="checkpoint directory or hub id")
     parser.add_argument(
-        "--bench", required=True, action="append", metavar="NAME_OR_FILE",
+        "--model", required=True, metavar="PATH_OR_ID", help="checkpoint directory or hub id"
+    )
+    parser.add_argument(
+        "--bench",
+        required=True,
+        action="append",
+        metavar="NAME_OR_FILE",
         help=f"benchmark ({', '.join(BENCHMARKS)}) or a local .jsonl/.json/.parquet file; repeat for several",
     )
-    parser.add_argument("--out", required=True, metavar="DIR", help="folder for summary.json and details.jsonl")
-    parser.add_argument("--n", type=int, default=1, help="responses per problem (default 1)")
-    parser.add_argument("--max-new-tokens", type=int, default=4096, help="generation budget per response (default 4096)")
-    parser.add_argument("--temperature", type=float, default=0.6, help="sampling temperature; 0 is greedy (default 0.6)")
-    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
-    parser.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="generation backend (default hf)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N problems of each benchmark")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per generate call, hf backend (default 8)")
     parser.add_argument(
-        "--field-map", default=None, metavar="problem=COL,answer=COL",
-        help="column names of a local benchmark file, e.g. problem=q,answer=a (keys: problem, answer, id)",
+        "--out", required=True, metavar="DIR", help="folder for summary.json and details.jsonl"
+    )
+    parser.add_argument("--n", type=int, default=1, help="responses per problem (default 1)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=4096,
+        help="generation budget per response (default 4096)",
     )
     parser.add_argument(
-        "--chat-template", default=None, metavar="NAME_OR_FILE",
+        "--temperature",
+        type=float,
+        default=0.6,
+        help="sampling temperature; 0 is greedy (default 0.6)",
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)"
+    )
+    parser.add_argument(
+        "--backend", choices=("hf", "vllm"), default="hf", help="generation backend (default hf)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="only the first N problems of each benchmark"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="sequences per generate call, hf backend (default 8)",
+    )
+    parser.add_argument(
+        "--field-map",
+        default=None,
+        metavar="problem=COL,answer=COL",
+        help="column names of local benchmark files, e.g. problem=q,answer=a (keys: problem, answer, id)",
+    )
+    parser.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="NAME_OR_FILE",
         help="chat template: a built-in name or a Jinja file (default: the tokenizer's own)",
     )
     parser.add_argument(
-        "--instruction", default=DEFAULT_INSTRUCTION,
+        "--instruction",
+        default=DEFAULT_INSTRUCTION,
         help="text appended to each problem; '' for none (default: reason step by step, answer in \\boxed{})",
     )
     parser.set_defaults(func=run)

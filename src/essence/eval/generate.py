@@ -18,7 +18,14 @@ Backend = Literal["hf", "vllm"]
 
 # End-of-turn markers of common chat formats: a chat model ends its answer with one of these,
 # which is often not the tokenizer's eos (a Qwen base tokenizer's eos is <|endoftext|>).
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>", "<|end|>")
+END_OF_TURN_TOKENS = (
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "<|endoftext|>",
+    "<end_of_turn>",
+    "<|end|>",
+)
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,9 @@ def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
             if token_id is not None and token_id not in ids:
                 ids.append(int(token_id))
     if not ids:
-        raise EssenceError("the tokenizer has no eos token and no known end-of-turn token; set its eos_token")
+        raise EssenceError(
+            "the tokenizer has no eos token and no known end-of-turn token; set its eos_token"
+        )
     return ids
 
 
@@ -77,7 +86,13 @@ def to_sample(token_ids: list[int], stop_ids: list[int], tokenizer) -> Sample:
 
 
 def generate_hf(
-    model, tokenizer, prompts: list[str], settings: SamplingSettings, *, batch_size: int = 8, progress: bool = True
+    model,
+    tokenizer,
+    prompts: list[str],
+    settings: SamplingSettings,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
 ) -> list[list[Sample]]:
     """settings.n samples for each prompt with `model.generate`; [prompts][n] Samples.
 
@@ -94,7 +109,10 @@ def generate_hf(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     encoded = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
     # Longest prompts first: less padding per batch, and an out-of-memory shows up at once.
-    jobs = sorted(((i, s) for i in range(len(prompts)) for s in range(settings.n)), key=lambda j: -len(encoded[j[0]]))
+    jobs = sorted(
+        ((i, s) for i in range(len(prompts)) for s in range(settings.n)),
+        key=lambda j: -len(encoded[j[0]]),
+    )
     results: list[list[Sample | None]] = [[None] * settings.n for _ in prompts]
     device = model.device
     rng_devices = [device.index or 0] if device.type == "cuda" else []
@@ -117,33 +135,43 @@ def generate_hf(
     return results  # type: ignore[return-value]  (every slot was filled above)
 
 
+def load_vllm(model_path: str, *, tokenizer_path: str | None = None, seed: int = 0):
+    """A vLLM engine for `model_path`, loaded once and reused for every benchmark."""
+    require_vllm()
+    from vllm import LLM
+
+    return LLM(model=model_path, tokenizer=tokenizer_path or model_path, seed=seed)
+
+
 def generate_vllm(
-    model_path: str, tokenizer, prompts: list[str], settings: SamplingSettings, *, tokenizer_path: str | None = None,
-    progress: bool = True,
+    llm, tokenizer, prompts: list[str], settings: SamplingSettings, *, progress: bool = True
 ) -> list[list[Sample]]:
-    """settings.n samples for each prompt with vLLM; [prompts][n] Samples. Each prompt is
-    seeded on its own, so results do not depend on how vLLM batches them."""
-    try:
-        from vllm import LLM, SamplingParams
-    except ImportError:
-        raise EssenceError(
-            "backend 'vllm' needs vLLM, which is not installed: pip install 'essence[vllm]' "
-            "(GPU only), or use --backend hf"
-        ) from None
+    """settings.n samples for each prompt with a vLLM engine (see load_vllm); [prompts][n] Samples.
+
+    Each prompt gets its own seed, so results do not depend on how vLLM batches them.
+    """
+    from vllm import SamplingParams
+
     settings.check()
     stop_ids = stop_token_ids(tokenizer)
     # Greedy samples are identical; older vLLM refuses n > 1 without sampling.
     n = 1 if settings.temperature == 0 else settings.n
-    llm = LLM(model=model_path, tokenizer=tokenizer_path or model_path, seed=settings.seed)
     params = [
         SamplingParams(
-            n=n, temperature=settings.temperature, top_p=settings.top_p, max_tokens=settings.max_new_tokens,
-            seed=settings.seed * 1_000_003 + i, stop_token_ids=stop_ids, skip_special_tokens=False,
+            n=n,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            max_tokens=settings.max_new_tokens,
+            seed=settings.seed * 1_000_003 + i,
+            stop_token_ids=stop_ids,
+            skip_special_tokens=False,
         )
         for i in range(len(prompts))
     ]
     # Token ids, not text: vLLM would add a BOS the rendered template may already contain.
-    inputs = [{"prompt_token_ids": tokenizer(p, add_special_tokens=False)["input_ids"]} for p in prompts]
+    inputs = [
+        {"prompt_token_ids": tokenizer(p, add_special_tokens=False)["input_ids"]} for p in prompts
+    ]
     outputs = llm.generate(inputs, params, use_tqdm=progress)
     results = []
     for out in outputs:
@@ -152,11 +180,27 @@ def generate_vllm(
     return results
 
 
+def require_vllm() -> None:
+    """Raise a clear error when the vLLM backend is asked for but vLLM is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise EssenceError(
+            "backend 'vllm' needs vLLM, which is not installed: pip install 'essence[vllm]' "
+            "(GPU only), or use --backend hf"
+        )
+
+
 def _hf_sampling_kwargs(settings: SamplingSettings) -> dict:
     common = {"max_new_tokens": settings.max_new_tokens, "top_k": 0, "repetition_penalty": 1.0}
     if settings.temperature == 0:
         return {**common, "do_sample": False, "temperature": 1.0, "top_p": 1.0}
-    return {**common, "do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
+    return {
+        **common,
+        "do_sample": True,
+        "temperature": settings.temperature,
+        "top_p": settings.top_p,
+    }
 
 
 def _left_pad(rows: list[list[int]], pad_id: int, device):

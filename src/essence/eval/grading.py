@@ -51,7 +51,9 @@ def grade_detail(response: str, gold: str, *, timeout_s: float = DEFAULT_TIMEOUT
     if _canonical(extracted) == _canonical(gold_answer):
         return GradeResult(True, extracted)  # identical up to notation: no need for math-verify
     if len(extracted) > MAX_ANSWER_CHARS:
-        return GradeResult(False, extracted, f"answer longer than {MAX_ANSWER_CHARS} characters; not parsed")
+        return GradeResult(
+            False, extracted, f"answer longer than {MAX_ANSWER_CHARS} characters; not parsed"
+        )
     equal, error = verifier.check(extracted, gold_answer, timeout_s)
     return GradeResult(equal, extracted, error)
 
@@ -95,7 +97,9 @@ def clean_gold(gold: str) -> str:
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples of which c are correct: 1 − C(n−c, k) / C(n, k)."""
-    assert 0 <= c <= n and 1 <= k <= n, f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}"
+    assert 0 <= c <= n and 1 <= k <= n, (
+        f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}"
+    )
     if n - c < k:
         return 1.0  # every k-subset contains a correct sample
     # Exact integers, one division: stays accurate for n in the thousands.
@@ -130,7 +134,11 @@ def _strip_math_delimiters(answer: str) -> str:
         before = answer
         answer = answer.rstrip(".").strip()
         for left, right in (("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"), ("**", "**")):
-            if answer.startswith(left) and answer.endswith(right) and len(answer) >= len(left) + len(right):
+            if (
+                answer.startswith(left)
+                and answer.endswith(right)
+                and len(answer) >= len(left) + len(right)
+            ):
                 answer = answer[len(left) : len(answer) - len(right)].strip()
         if answer == before:
             break

@@ -26,4 +26,6 @@ def build_prompt(
     """
     from essence.data.render import generation_prompt
 
-    return generation_prompt(tokenizer, user_message(problem, instruction), system=system, chat_template=chat_template)
+    return generation_prompt(
+        tokenizer, user_message(problem, instruction), system=system, chat_template=chat_template
+    )

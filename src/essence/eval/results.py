@@ -21,7 +21,9 @@ SUMMARY_FILE = "summary.json"
 DETAILS_FILE = "details.jsonl"
 
 
-def details_line(benchmark: str, problem: Problem, prompt: str, samples: list[Sample], grades: list[GradeResult]) -> dict:
+def details_line(
+    benchmark: str, problem: Problem, prompt: str, samples: list[Sample], grades: list[GradeResult]
+) -> dict:
     """Everything about one problem: its prompt, gold, and each response with its grade."""
     return {
         "benchmark": benchmark,
@@ -59,7 +61,9 @@ def summarize(lines: list[dict], *, benchmark: str, model: str, seconds: float) 
         "num_problems": len(lines),
         # pass@1 is the mean accuracy over all samples (pass_at_k(n, c, 1) == c / n).
         "pass@1": float(mean(c / n for c in counts)),
-        "pass@k": {str(k): float(mean(pass_at_k(n, c, k) for c in counts)) for k in pass_k_values(n)},
+        "pass@k": {
+            str(k): float(mean(pass_at_k(n, c, k) for c in counts)) for k in pass_k_values(n)
+        },
         "mean_response_tokens": float(mean(tokens)),
         "think_closed_frac": float(mean(THINK_CLOSE in r for r in responses)),
         "truncated_frac": float(mean(t for line in lines for t in line["truncated"])),
@@ -78,19 +82,35 @@ def write_results(out_dir: Path, summary: dict, lines: list[dict]) -> None:
 
 
 def print_table(entries: list[dict]) -> None:
-    """The per-benchmark scores as a console table."""
+    """The per-benchmark scores as a console table (files shown by stem; summary.json has the path)."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="evaluation")
-    for column in ("benchmark", "problems", "n", "pass@1", "pass@k", "tokens", "think closed", "cut off", "grade errors", "time"):
-        table.add_column(column, justify="left" if column == "benchmark" else "right")
-    for e in entries:
-        k_max = max(e["pass@k"], key=int)
+    # think: share of responses that closed </think>; cut: share that hit max_new_tokens;
+    # err: grading errors (timeouts, unparseable answers), each counted wrong.
+    table = Table(
+        title="evaluation",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+        caption="think: closed </think>  cut: hit max_new_tokens",
+    )
+    names = [Path(e["benchmark"]).stem for e in entries]
+    table.add_column("benchmark", overflow="fold", min_width=min(24, max(map(len, names))))
+    for column in ("probs", "n", "pass@1", "pass@n", "tokens", "think", "cut", "err", "time"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for name, e in zip(names, entries):
         table.add_row(
-            e["benchmark"], str(e["num_problems"]), str(e["n"]), f"{e['pass@1']:.3f}",
-            f"@{k_max} {e['pass@k'][k_max]:.3f}", f"{e['mean_response_tokens']:.0f}",
-            f"{e['think_closed_frac']:.0%}", f"{e['truncated_frac']:.0%}", str(e["grading_errors"]),
+            name,
+            str(e["num_problems"]),
+            str(e["n"]),
+            f"{e['pass@1']:.3f}",
+            f"{e['pass@k'][str(e['n'])]:.3f}",
+            f"{e['mean_response_tokens']:.0f}",
+            f"{e['think_closed_frac']:.0%}",
+            f"{e['truncated_frac']:.0%}",
+            str(e["grading_errors"]),
             f"{e['time_s']:.0f}s",
         )
     Console().print(table)

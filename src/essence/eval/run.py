@@ -8,8 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from essence.errors import EssenceError
-from essence.eval.benchmarks import load_benchmark
-from essence.eval.generate import Backend, SamplingSettings, generate_hf, generate_vllm
+from essence.eval.benchmarks import Problem, load_benchmark
+from essence.eval.generate import (
+    Backend,
+    SamplingSettings,
+    generate_hf,
+    generate_vllm,
+    load_vllm,
+    require_vllm,
+)
 from essence.eval.grading import grade_detail
 from essence.eval.prompting import DEFAULT_INSTRUCTION, build_prompt
 from essence.eval.results import details_line, print_table, summarize, write_results
@@ -44,73 +51,135 @@ def evaluate(
     batch_size: sequences per `generate` call (hf backend; vLLM schedules its own batches).
     Returns the summary.json content: {"model", "settings", "benchmarks": [per-benchmark scores]}.
     """
-    settings = SamplingSettings(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    settings.check()
-    if backend not in ("hf", "vllm"):
-        raise EssenceError(f"backend must be 'hf' or 'vllm', got {backend!r}")
-    if not benches:
-        raise EssenceError("no benchmark given; pass at least one --bench NAME_OR_FILE")
-    if len(set(benches)) != len(benches):
-        raise EssenceError(f"a benchmark is listed twice in {benches}; list each once")
-    # Every benchmark is read before the model loads, so a bad file fails in seconds, not minutes.
+    settings = SamplingSettings(
+        n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+    )
+    _check_request(settings, backend, benches)
+    # Files, tokenizer and prompts are all checked before the weights load, so a mistake
+    # fails in seconds rather than after minutes of loading.
     problems = {bench: load_benchmark(bench, field_map=field_map, limit=limit) for bench in benches}
-    loaded, tokenizer, model_name = _load(model, tokenizer, backend)
+    model, tokenizer, model_name = _resolve(model, tokenizer, backend)
+    prompts = {
+        bench: [
+            build_prompt(
+                tokenizer,
+                p.problem,
+                instruction=instruction,
+                system=system,
+                chat_template=chat_template,
+            )
+            for p in bench_problems
+        ]
+        for bench, bench_problems in problems.items()
+    }
+    if backend == "hf" and isinstance(model, str):
+        model = _load_weights(model)
+    elif backend == "vllm":
+        model = load_vllm(model, tokenizer_path=_path_or_none(tokenizer), seed=seed)
 
-    run_settings = {**asdict(settings), "backend": backend, "limit": limit, "batch_size": batch_size,
-                    "instruction": instruction, "system": system, "chat_template": chat_template}
+    run_settings = {
+        **asdict(settings),
+        "backend": backend,
+        "limit": limit,
+        "batch_size": batch_size,
+        "instruction": instruction,
+        "system": system,
+        "chat_template": chat_template,
+    }
     summary: dict[str, Any] = {"model": model_name, "settings": run_settings, "benchmarks": []}
     lines: list[dict] = []
     for bench, bench_problems in problems.items():
         started = time.perf_counter()
-        prompts = [
-            build_prompt(tokenizer, p.problem, instruction=instruction, system=system, chat_template=chat_template)
-            for p in bench_problems
-        ]
-        if backend == "hf":
-            samples = generate_hf(loaded, tokenizer, prompts, settings, batch_size=batch_size, progress=progress)
-        elif backend == "vllm":
-            samples = generate_vllm(model_name, tokenizer, prompts, settings, tokenizer_path=_path_or_none(tokenizer),
-                                    progress=progress)
-        bench_lines = [
-            details_line(bench, problem, prompt, row, [grade_detail(s.text, problem.answer) for s in row])
-            for problem, prompt, row in zip(bench_problems, prompts, samples)
-        ]
+        bench_lines = _run_benchmark(
+            bench,
+            bench_problems,
+            prompts[bench],
+            model,
+            tokenizer,
+            settings,
+            backend,
+            batch_size,
+            progress,
+        )
         lines += bench_lines
-        entry = summarize(bench_lines, benchmark=bench, model=model_name, seconds=time.perf_counter() - started)
-        summary["benchmarks"].append(entry)
+        seconds = time.perf_counter() - started
+        summary["benchmarks"].append(
+            summarize(bench_lines, benchmark=bench, model=model_name, seconds=seconds)
+        )
         write_results(Path(out_dir), summary, lines)
     if progress:
         print_table(summary["benchmarks"])
     return summary
 
 
-def _load(model: Any, tokenizer: Any, backend: Backend) -> tuple[Any, Any, str]:
-    """(loaded model or None for vLLM, tokenizer, the model's name for the summary)."""
+def _run_benchmark(
+    bench: str,
+    problems: list[Problem],
+    prompts: list[str],
+    model: Any,
+    tokenizer: Any,
+    settings: SamplingSettings,
+    backend: Backend,
+    batch_size: int,
+    progress: bool,
+) -> list[dict]:
+    """Generate and grade one benchmark; its details lines."""
+    if backend == "hf":
+        samples = generate_hf(
+            model, tokenizer, prompts, settings, batch_size=batch_size, progress=progress
+        )
+    elif backend == "vllm":
+        samples = generate_vllm(model, tokenizer, prompts, settings, progress=progress)
+    return [
+        details_line(
+            bench, problem, prompt, row, [grade_detail(s.text, problem.answer) for s in row]
+        )
+        for problem, prompt, row in zip(problems, prompts, samples)
+    ]
+
+
+def _check_request(settings: SamplingSettings, backend: str, benches: list[str]) -> None:
+    settings.check()
+    if backend not in ("hf", "vllm"):
+        raise EssenceError(f"backend must be 'hf' or 'vllm', got {backend!r}")
+    if backend == "vllm":
+        require_vllm()
+    if not benches:
+        raise EssenceError("no benchmark given; pass at least one --bench NAME_OR_FILE")
+    if len(set(benches)) != len(benches):
+        raise EssenceError(f"a benchmark is listed twice in {benches}; list each once")
+
+
+def _resolve(model: Any, tokenizer: Any, backend: Backend) -> tuple[Any, Any, str]:
+    """(a loaded model, or the checked path / hub id to load; the tokenizer; the name for the summary)."""
     if isinstance(model, tuple):
         model, tokenizer = model
     if isinstance(tokenizer, (str, Path)):
         tokenizer = _load_tokenizer(str(tokenizer))
     if not isinstance(model, (str, Path)):
         if backend == "vllm":
-            raise EssenceError("backend 'vllm' loads the model itself: pass a checkpoint path or hub id, not a loaded model")
+            raise EssenceError(
+                "backend 'vllm' loads the model itself: pass a checkpoint path or hub id, not a loaded model"
+            )
         if tokenizer is None:
-            raise EssenceError("a loaded model needs its tokenizer: pass (model, tokenizer) or tokenizer=...")
+            raise EssenceError(
+                "a loaded model needs its tokenizer: pass (model, tokenizer) or tokenizer=..."
+            )
         return model, tokenizer, getattr(model, "name_or_path", "") or "in-memory model"
     name = str(model)
     _check_model_path(name)
-    if tokenizer is None:
-        tokenizer = _load_tokenizer(name)
-    if backend == "vllm":
-        return None, tokenizer, name
-    from transformers import AutoModelForCausalLM
+    return name, tokenizer if tokenizer is not None else _load_tokenizer(name), name
+
+
+def _load_weights(name: str):
     import torch
+    from transformers import AutoModelForCausalLM
 
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(name, dtype="auto")
+        model = AutoModelForCausalLM.from_pretrained(name, dtype="auto")
     except OSError as err:
         raise EssenceError(f"could not load model {name!r}: {_first_line(err)}") from None
-    loaded.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-    return loaded, tokenizer, name
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 
 def _check_model_path(name: str) -> None:
@@ -122,10 +191,14 @@ def _check_model_path(name: str) -> None:
                 "directory (config.json, weights and tokenizer files) or a hub id"
             )
     elif path.exists():
-        raise EssenceError(f"model {name} is a file; point --model at a checkpoint directory or a hub id")
+        raise EssenceError(
+            f"model {name} is a file; point --model at a checkpoint directory or a hub id"
+        )
     # A hub id is "name" or "org/name"; anything else that does not exist is a mistyped path.
     elif name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:
-        raise EssenceError(f"model path {name} does not exist; check the path (or pass a hub id such as Qwen/Qwen3-8B)")
+        raise EssenceError(
+            f"model path {name} does not exist; check the path (or pass a hub id such as Qwen/Qwen3-8B)"
+        )
 
 
 def _load_tokenizer(name: str):
@@ -134,7 +207,9 @@ def _load_tokenizer(name: str):
     try:
         return AutoTokenizer.from_pretrained(name)
     except OSError as err:
-        raise EssenceError(f"could not load the tokenizer of {name!r}: {_first_line(err)}") from None
+        raise EssenceError(
+            f"could not load the tokenizer of {name!r}: {_first_line(err)}"
+        ) from None
 
 
 def _first_line(err: Exception) -> str:
