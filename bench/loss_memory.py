@@ -36,12 +36,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=4096, help="supervised tokens in the micro-batch")
     parser.add_argument("--vocab", type=int, default=151936, help="logit width of both models")
     parser.add_argument("--hidden", type=int, default=2560, help="student hidden size")
-    parser.add_argument("--teacher-hidden", type=int, default=None, help="teacher hidden size (default: --hidden)")
+    parser.add_argument("--teacher-hidden", type=int, default=None,
+                        help="teacher hidden size (default: --hidden)")
     parser.add_argument("--chunk", type=int, default=1024, help="tokens per chunk of the chunked loss")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="of the hidden states and heads (the loss computes in fp32 either way)")
-    parser.add_argument("--small", action="store_true", help="a quick check: 512 tokens, vocab 16384, hidden 256, chunk 128")
+    parser.add_argument("--small", action="store_true",
+                        help="a quick check: 512 tokens, vocab 16384, hidden 256, chunk 128")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.small:

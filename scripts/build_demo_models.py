@@ -40,7 +40,7 @@ from essence.data.synth import DEMO_INSTRUCTION, generate
 REPO = Path(__file__).resolve().parents[1]
 SEED = 1234
 TOKENIZER_SEED, TRAIN_SEED, EVAL_SEED, STUDENT_SEED = 1, 2, 3, 4
-STEPS, DIGITS = (2, 4), 2  # the synthetic task's difficulty (synth.generate's defaults)
+STEPS, DIGITS = (2, 4), 1  # the synthetic task's difficulty (synth.generate's defaults)
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -67,10 +67,11 @@ STUDENT = ModelSpec(layers=2, hidden=64, steps=200, lr=3e-3)
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE of a few hundred tokens: one token per digit, ChatML and think tags whole."""
     tok = Tokenizer(models.BPE())
-    # A digit keeps the space before it (" 5"), never a neighbour digit: one digit per token.
+    # Digits stand alone (one token each, whatever precedes them); the rest may merge across
+    # spaces, so the template's fixed phrases cost a token or two and sequences stay short.
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r" ?\d"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        pre_tokenizers.Split(Regex(r"\d"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -107,9 +108,20 @@ def render(row: dict, reasoning: str | None = None) -> str:
 
 
 def short_reasoning(row: dict) -> str:
-    """The base student's trace: the start value, then straight to a (learned-guess) conclusion."""
-    lines = row["reasoning"].split("\n")
-    return "\n".join([lines[0], next(l for l in lines if l.startswith("So "))])
+    """The base student's chat trace: straight to the conclusion, no working."""
+    return next(l for l in row["reasoning"].split("\n") if l.startswith("So "))
+
+
+def student_examples(tok, rows: list[dict]) -> list[tuple[list[int], list[bool]]]:
+    """The base student's data: chats that answer without working, and the working as plain text.
+
+    Like a base model that has read worked arithmetic as documents but, asked a question,
+    answers at once: it knows the format and the sums, not to reason before answering.
+    """
+    half = len(rows) // 2
+    chats = [encode(tok, r, short_reasoning(r)) for r in rows[:half]]
+    docs = [tok(r["reasoning"] + "<|endoftext|>", add_special_tokens=False)["input_ids"] for r in rows[half:]]
+    return chats + [(ids, [True] * len(ids)) for ids in docs]
 
 
 def encode(tok, row: dict, reasoning: str | None = None) -> tuple[list[int], list[bool]]:
@@ -212,10 +224,9 @@ def evaluate(model, tok, rows: list[dict], device: str, batch: int = 100) -> tup
     return hits[0] / len(rows), hits[1] / len(rows), outs
 
 
-def build_model(spec: ModelSpec, tok, train_rows, eval_rows, device: str, reasoning=None):
+def build_model(spec: ModelSpec, tok, examples, eval_rows, device: str):
     """Train one demo model from scratch and grade it: (model, accuracy, math-verify accuracy, completions)."""
     torch.manual_seed(SEED)
-    examples = [encode(tok, r, reasoning and reasoning(r)) for r in train_rows]
     model = new_model(spec, tok)
     print(f"{model.num_parameters():,} parameters, {spec.steps} steps of {spec.batch}", flush=True)
     train(model, spec, examples, device)
@@ -239,9 +250,10 @@ def main(argv: list[str] | None = None) -> None:
     train_rows = [r for r in generate(args.n_train, TRAIN_SEED, steps=STEPS, digits=DIGITS) if r["problem"] not in held_out]
     print(f"tokenizer: {len(tok)} tokens; {len(train_rows)} training problems")
     results = {}
-    for name, spec, reasoning in (("teacher", TEACHER, None), ("student", STUDENT, short_reasoning)):
+    data = {"teacher": [encode(tok, r) for r in train_rows], "student": student_examples(tok, train_rows)}
+    for name, spec in (("teacher", TEACHER), ("student", STUDENT)):
         print(f"{name}:", end=" ")
-        model, acc, acc_mv, _ = build_model(spec, tok, train_rows, eval_rows, args.device, reasoning)
+        model, acc, acc_mv, _ = build_model(spec, tok, data[name], eval_rows, args.device)
         results[name] = (model.num_parameters(), acc, acc_mv)
         model.save_pretrained(Path(args.out) / name)
         tok.save_pretrained(Path(args.out) / name)

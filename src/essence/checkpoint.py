@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from essence.errors import EssenceError
+from essence.io import write_text_atomic
 
 STATE_FILE = "trainer_state.pt"
 
@@ -45,12 +46,6 @@ def _write_dir(target: Path, write) -> None:
             f"could not write {target} ({err.strerror or err}); earlier checkpoints are intact. "
             "Free disk space or choose another --out, then rerun with --resume"
         ) from None
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:
@@ -91,7 +86,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: d
         torch.save(trainer_state, tmp / STATE_FILE)
 
     _write_dir(target, write)
-    _write_text_atomic(root / "latest", target.name + "\n")
+    write_text_atomic(root / "latest", target.name + "\n")
     return target
 
 

@@ -259,6 +259,6 @@ def to_dict(config: Config) -> dict:
 
 def save_config(config: Config, path: Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    tmp.replace(path)
+    from essence.io import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -8,11 +8,11 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from essence.data.synth import DEMO_INSTRUCTION, generate, write_jsonl
+from essence.io import write_json_atomic
 from essence.loading import resolve
 
 DEMO_CONFIG = "essence:demo.yaml"
@@ -60,7 +60,7 @@ def evaluate_reference(name: str, model: str, heldout: Path, runs: Path, seed: i
                       seed=seed, batch_size=e.batch_size, instruction=None)
     summary = {"run": name, "model": model, "truncation": "-", "eval": result,
                "eval_time_s": time.perf_counter() - started}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json_atomic(run_dir / "summary.json", summary)
 
 
 def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seed: int = 0) -> list[dict]:

@@ -44,19 +44,23 @@ def load_tokenizer(spec: str):
     return tokenizer
 
 
-def load_causal_lm(spec: str, *, dtype=None, role: str = "model"):
-    """A pretrained causal LM from a hub id, local folder or essence: asset."""
+def load_causal_lm(spec: str, *, dtype=None, role: str = "model", flag: str | None = None):
+    """A pretrained causal LM from a hub id, local folder or essence: asset.
+
+    role names the model in messages; flag is the option the user set (default model.<role>).
+    """
+    flag = flag or f"model.{role}"
     from transformers import AutoModelForCausalLM
 
     path = resolve(spec)
     if _looks_local(path) and not Path(path).expanduser().exists():
-        raise EssenceError(f"{role} path {spec} does not exist; check model.{role}")
+        raise EssenceError(f"{role} path {spec} does not exist; check {flag}")
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as err:
         first = str(err).split("\n")[0]
         raise EssenceError(
-            f"cannot load the {role} from {spec!r}: {first} — check model.{role} "
+            f"cannot load the {role} from {spec!r}: {first} — check {flag} "
             "(a local folder with config.json and weights, or a hub id)"
         ) from None
 

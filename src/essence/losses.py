@@ -12,22 +12,24 @@ divergence is scaled by τ²; only the first ``vocab_size`` logit columns are co
 
 Gradients, as the fused loss computes them in its forward pass. For one token let z be the
 student logits, b = z/τ, ℓ = log p_S = log_softmax(b) and t = log p_T. Each divergence D is a
-function of ℓ with the teacher fixed. Since ℓ_k = b_k − logsumexp(b), ∂ℓ_k/∂b_j = δ_kj − p_S,j,
-so with G = ∂D/∂ℓ (ℓ treated as free variables)
+function of ℓ with the teacher fixed. Since ℓ_k = b_k − logsumexp(b), ∂ℓ_k/∂b_j =
+δ_kj − p_S,j, so with G = ∂D/∂ℓ (ℓ treated as free variables)
 
-    ∂D/∂b = G − p_S · ΣG,       and for the loss τ²·D:   ∂/∂z = τ² · (1/τ) · ∂D/∂b = τ · ∂D/∂b.
+    ∂D/∂b = G − p_S · ΣG,    and for the loss τ²·D:   ∂/∂z = τ² · (1/τ) · ∂D/∂b = τ · ∂D/∂b.
 
-    kind             D                                     G = ∂D/∂ℓ                    ∂D/∂b
-    forward_kl       Σ p_T (t − ℓ)                         −p_T                         p_S − p_T
-    reverse_kl       Σ p_S (ℓ − t)                         p_S (ℓ − t + 1)              p_S (ℓ − t − D)
-    combined_kl      r·forward_kl + (1−r)·reverse_kl       (linear in the two)
-    js               β KL(p_T‖m) + (1−β) KL(p_S‖m),        (1−β) p_S (ℓ − log m)        (1−β) p_S (ℓ − log m − KL(p_S‖m))
-                     m = β p_T + (1−β) p_S                 (the ∂log m terms cancel)
-    tvd              ½ Σ |p_T − p_S|                       ½ p_S sign(p_S − p_T)        G − p_S·ΣG  (sign(0) = 0)
-    skew_kl          Σ p_T (t − log m),                    −(1−α) p_T p_S / m           G − p_S·ΣG
-                     m = α p_T + (1−α) p_S
-    skew_reverse_kl  Σ p_S (ℓ − log m),                    p_S (ℓ − log m + 1 − α p_S/m) G − p_S·ΣG
-                     m = α p_S + (1−α) p_T
+    forward_kl       D = Σ p_T (t − ℓ)             G = −p_T
+                     ∂D/∂b = p_S − p_T
+    reverse_kl       D = Σ p_S (ℓ − t)             G = p_S (ℓ − t + 1)
+                     ∂D/∂b = p_S (ℓ − t − D)
+    combined_kl      r·forward_kl + (1−r)·reverse_kl, and so are G and ∂D/∂b
+    js               m = β p_T + (1−β) p_S,  D = β KL(p_T‖m) + (1−β) KL(p_S‖m)
+                     G = (1−β) p_S (ℓ − log m)     (the terms from ∂log m/∂ℓ cancel)
+                     ∂D/∂b = (1−β) p_S (ℓ − log m − KL(p_S‖m))
+    tvd              D = ½ Σ |p_T − p_S|           G = ½ p_S sign(p_S − p_T)   (sign(0) = 0)
+    skew_kl          m = α p_T + (1−α) p_S,  D = Σ p_T (t − log m)
+                     G = −(1−α) p_T p_S / m
+    skew_reverse_kl  m = α p_S + (1−α) p_T,  D = Σ p_S (ℓ − log m)
+                     G = p_S (ℓ − log m + 1 − α p_S / m)
 
 The "+1" terms cancel in G − p_S·ΣG because Σ p_S = 1. So forward KL's gradient w.r.t. the
 student logits is τ·(p_S − p_T). The NLL is taken at τ = 1: −log softmax(z)_y, gradient
@@ -104,7 +106,8 @@ def _compared_width(student_width: int, teacher_width: int | None, vocab_size: i
     widest_allowed = student_width if teacher_width is None else min(student_width, teacher_width)
     if vocab_size is None:
         return widest_allowed
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not 1 <= vocab_size <= widest_allowed:
+    if (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
+            or not 1 <= vocab_size <= widest_allowed):
         raise ValueError(f"vocab_size={vocab_size!r} must be an integer in [1, {widest_allowed}] "
                          f"(logit widths: student {student_width}, teacher {teacher_width})")
     return vocab_size
@@ -317,7 +320,9 @@ def _chunk_terms(z: Tensor, zt: Tensor | None, labels: Tensor, nll_rows: Tensor,
 
 def _fresh_fp32(x: Tensor) -> Tensor:
     """x as a new contiguous fp32 tensor that the caller may overwrite."""
-    return x.to(torch.float32) if x.dtype != torch.float32 else x.clone(memory_format=torch.contiguous_format)
+    if x.dtype != torch.float32:
+        return x.to(torch.float32)
+    return x.clone(memory_format=torch.contiguous_format)
 
 
 def _teacher_logits(idx: Tensor, spec: _Spec, teacher_head32: Tensor | None) -> Tensor:
@@ -399,7 +404,8 @@ def _weighted_scale(g_nll: Tensor, g_kd: Tensor, weights: tuple[float, float]) -
     return s
 
 
-def _scaled_sum(parts: list[Tensor | None], scales: list[Tensor | float], dtype: torch.dtype) -> Tensor | None:
+def _scaled_sum(parts: list[Tensor | None], scales: list[Tensor | float],
+                dtype: torch.dtype) -> Tensor | None:
     """Σ scale·part over the streams that got tokens, in the first part's storage, cast to dtype."""
     total = None
     for part, scale in zip(parts, scales):
@@ -449,7 +455,8 @@ def _make_spec(student_hidden: Tensor, student_head: Tensor, teacher_hidden: Ten
     """Check every argument of distill_loss_sums once; ValueError names the culprit."""
     p = divergence_params(kind, params)
     _check_temperature(temperature)
-    if student_hidden.dim() != 2 or student_head.dim() != 2 or student_head.shape[1] != student_hidden.shape[1]:
+    if (student_hidden.dim() != 2 or student_head.dim() != 2
+            or student_head.shape[1] != student_hidden.shape[1]):
         raise ValueError(f"student_hidden {tuple(student_hidden.shape)} and student_head "
                          f"{tuple(student_head.shape)} must be [tokens, hidden] and [vocab, hidden]")
     n = student_hidden.shape[0]
@@ -457,7 +464,8 @@ def _make_spec(student_hidden: Tensor, student_head: Tensor, teacher_hidden: Ten
         if t.shape != (n,):
             raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [{n}] (one per token)")
     if nll_mask.dtype != torch.bool or kd_mask.dtype != torch.bool:
-        raise ValueError(f"nll_mask and kd_mask must be bool tensors, got {nll_mask.dtype} and {kd_mask.dtype}")
+        raise ValueError(f"nll_mask and kd_mask must be bool tensors, got {nll_mask.dtype} "
+                         f"and {kd_mask.dtype}")
     if (teacher_hidden is None) != (teacher_head is None):
         raise ValueError("pass teacher_hidden and teacher_head together, or neither")
     if teacher_logits_fn is not None and teacher_hidden is not None:
@@ -523,7 +531,8 @@ def distill_loss_sums(student_hidden: Tensor, student_head: Tensor, teacher_hidd
 
 
 def naive_distill_loss_sums(student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor | None,
-                            teacher_head: Tensor | None, labels: Tensor, nll_mask: Tensor, kd_mask: Tensor, *,
+                            teacher_head: Tensor | None, labels: Tensor, nll_mask: Tensor,
+                            kd_mask: Tensor, *,
                             kind: Divergence, temperature: float = 1.0, vocab_size: int | None = None,
                             chunk_size: int = 1024, params: dict[str, float] | None = None,
                             teacher_logits_fn: TeacherLogitsFn | None = None,
@@ -547,5 +556,6 @@ def naive_distill_loss_sums(student_hidden: Tensor, student_head: Tensor, teache
             teacher_logits = teacher_logits_fn(torch.arange(student_hidden.shape[0], device=labels.device))
         else:
             teacher_logits = teacher_hidden.float() @ _first_columns(teacher_head.T, v).float()
-    per_token = divergence(logits, teacher_logits, kind, temperature=temperature, vocab_size=v, **spec.params)
+    per_token = divergence(logits, teacher_logits, kind, temperature=temperature, vocab_size=v,
+                           **spec.params)
     return nll_sum, torch.where(kd_mask, per_token, 0.0).sum()

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from essence.errors import EssenceError
+from essence.io import write_json_atomic, write_text_atomic
 
 COLUMNS = ("run", "truncation", "lsp", "accuracy", "retention_pct", "student_tokens",
            "total_flops", "wall_time_s", "peak_memory_bytes", "token_saving_pct",
@@ -145,8 +146,8 @@ def build_report(runs_dir: str | Path, out: str | Path | None = None,
     out = Path(out) if out else runs_dir
     out.mkdir(parents=True, exist_ok=True)
     rows = collect(runs_dir, baseline)
-    (out / "report.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (out / "report.md").write_text("# Trade-off report\n\n" + to_markdown(rows))
+    write_json_atomic(out / "report.json", rows)
+    write_text_atomic(out / "report.md", "# Trade-off report\n\n" + to_markdown(rows))
     plot(rows, out)
     if console is not None:
         from rich.table import Table

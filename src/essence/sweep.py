@@ -7,7 +7,6 @@ point that was interrupted from its last checkpoint, and retries a point that fa
 from __future__ import annotations
 
 import itertools
-import json
 import re
 import traceback
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 
 from essence.config import load_config, parse_override
 from essence.errors import EssenceError
+from essence.io import write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -81,13 +81,12 @@ def run_sweep(config_path: str, grid: list[str], out: str | Path,
             results[point.name] = "complete"
         except (EssenceError, RuntimeError, ValueError, OSError) as err:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "failed.json").write_text(json.dumps(
-                {"error": str(err), "traceback": traceback.format_exc()}, indent=2))
+            write_json_atomic(run_dir / "failed.json",
+                              {"error": str(err), "traceback": traceback.format_exc()})
             print(f"essence sweep: {point.name} failed: {err}")
             results[point.name] = f"failed: {err}"
-    (out / "sweep.json").write_text(json.dumps(
-        {"config": str(config_path), "grid": grid, "overrides": list(overrides),
-         "points": results}, indent=2))
+    write_json_atomic(out / "sweep.json", {"config": str(config_path), "grid": grid,
+                                           "overrides": list(overrides), "points": results})
     failed = [name for name, r in results.items() if r.startswith("failed")]
     if failed:
         print(f"essence sweep: {len(failed)} point(s) failed: {', '.join(failed)}; "

@@ -21,12 +21,13 @@ from essence.checkpoint import (
     latest_checkpoint, load_trainer_state, prune_checkpoints, save_checkpoint, save_model,
     set_rng_state, rng_state,
 )
-from essence.compute import Ledger, flop_model, peak_memory_bytes, reset_peak_memory
+from essence.compute import Ledger, peak_memory_bytes, reset_peak_memory
 from essence.config import Config, save_config
 from essence.data.batching import Batch, Example, collate, padding_fraction, plan_batches
 from essence.data.pipeline import prepare, to_example
 from essence.data.truncation import TruncationConfig, truncate
 from essence.errors import EssenceError
+from essence.io import write_json_atomic
 from essence.step import DistillStep, combine, loss_weights, step_token_counts
 from essence.trainer_setup import build_models, build_optimizer, make_accelerator
 from essence.tracking import MetricsLog
@@ -282,12 +283,6 @@ def _progress(total: int, initial: int, enabled: bool):
 
     return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step",
                 dynamic_ncols=True)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def train(config: Config, out_dir: str | Path, resume: bool = False) -> dict:

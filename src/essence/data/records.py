@@ -271,7 +271,9 @@ def _rows_hub(name: str, config: str | None, split: str) -> Iterator[tuple[Any, 
         yield row, None
 
 
-def _rows(source: str, config: str | None, split: str) -> Iterator[tuple[Any, str | None]]:
+def read_rows(source: str, config: str | None = None,
+              split: str = "train") -> Iterator[tuple[Any, str | None]]:
+    """(row, parse error) pairs of a local file or hub dataset; errors for unreadable sources."""
     path = Path(source)
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json", ".parquet"):
@@ -310,7 +312,7 @@ def read_records(
     stem = Path(source).stem
     records: list[Record] = []
     skipped: list[Skipped] = []
-    for index, (row, parse_error) in enumerate(_rows(source, config, split)):
+    for index, (row, parse_error) in enumerate(read_rows(source, config, split)):
         if limit is not None and len(records) >= limit:
             break
         row_id = None

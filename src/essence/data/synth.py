@@ -8,8 +8,8 @@ keeps the ground truth (start value, signed operations, result) so a grader can 
 answer without trusting the text.
 
 Difficulty knobs: ``steps`` (how many operations follow the start) and ``digits`` (how many
-digits each quantity has). Every value the trace mentions is a non-negative integer below
-``10 ** (digits + 1)``.
+digits each quantity has). The running value stays in [0, 2 * 10 ** digits]; every value the trace
+mentions is a non-negative integer.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ _SUB_VERBS = [("gives away", "Give away"), ("loses", "Lose"), ("sells", "Sell"),
 _KINDS = ("add", "sub", "groups_add", "groups_sub")
 
 
-def generate(n: int, seed: int, *, steps: tuple[int, int] = (2, 4), digits: int = 2) -> list[dict]:
+def generate(n: int, seed: int, *, steps: tuple[int, int] = (2, 4), digits: int = 1) -> list[dict]:
     """Generate ``n`` word problems with traces; the same (n, seed, steps, digits) gives the same rows.
 
     steps: inclusive range of the number of operations after the start value.
@@ -61,7 +61,7 @@ def write_jsonl(rows: list[dict], path: str | os.PathLike) -> None:
         raise
 
 
-def synth_command(n: int, seed: int, out: str, steps: tuple[int, int] = (2, 4), digits: int = 2) -> int:
+def synth_command(n: int, seed: int, out: str, steps: tuple[int, int] = (2, 4), digits: int = 1) -> int:
     """`essence data synth`: generate ``n`` rows and write them to ``out``; returns the row count."""
     rows = generate(n, seed, steps=steps, digits=digits)
     write_jsonl(rows, out)
@@ -89,7 +89,7 @@ def _row(rng: random.Random, row_id: str, n_steps: int, digits: int) -> dict:
     name, pron = rng.choice(_NAMES)
     item = rng.choice(_ITEMS)
     lo, hi = 10 ** (digits - 1), 10**digits - 1
-    cap = 10 ** (digits + 1) - 1
+    cap = _value_cap(digits)
     start = rng.randint(lo, hi)
     value = start
     sentences = [f"{name} has {start} {item}."]
@@ -115,6 +115,11 @@ def _row(rng: random.Random, row_id: str, n_steps: int, digits: int) -> dict:
         "answer": f"The answer is \\boxed{{{value}}}.",
         "meta": meta,
     }
+
+
+def _value_cap(digits: int) -> int:
+    """The largest running value: twice the largest quantity, so values stay small and varied."""
+    return 2 * 10**digits
 
 
 def _feasible_kinds(value: int, lo: int, hi: int, cap: int) -> list[str]:

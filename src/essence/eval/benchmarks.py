@@ -106,9 +106,9 @@ def gsm8k_gold(answer: str) -> str:
 
 def _read_rows(source: str, config: str | None, split: str):
     # One reader for every data file in the package: the same formats, the same messages.
-    from essence.data.records import _rows
+    from essence.data.records import read_rows
 
-    return _rows(source, config, split)
+    return read_rows(source, config, split)
 
 
 def _local_path(name: str) -> Path:

@@ -18,7 +18,10 @@ def add_parser(subparsers) -> None:
         "write OUT/summary.json (pass@k per benchmark) and OUT/details.jsonl (every response).",
     )
     parser.add_argument(
-        "--model", required=True, metavar="PATH_OR_ID", help="checkpoint directory or hub id"
+        "--model",
+        required=True,
+        metavar="PATH_OR_ID",
+        help="checkpoint directory, hub id, or essence:demo/student",
     )
     parser.add_argument(
         "--bench",
@@ -99,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         chat_template=args.chat_template,
         field_map=parse_field_map(args.field_map),
     )
+    print(f"wrote {args.out}/summary.json and {args.out}/details.jsonl")
     return 0
 
 

@@ -108,12 +108,13 @@ def generate_hf(
     stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     encoded = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
+    # Greedy samples are identical: generate one and repeat it.
+    n = 1 if settings.temperature == 0 else settings.n
     # Longest prompts first: less padding per batch, and an out-of-memory shows up at once.
     jobs = sorted(
-        ((i, s) for i in range(len(prompts)) for s in range(settings.n)),
-        key=lambda j: -len(encoded[j[0]]),
+        ((i, s) for i in range(len(prompts)) for s in range(n)), key=lambda j: -len(encoded[j[0]])
     )
-    results: list[list[Sample | None]] = [[None] * settings.n for _ in prompts]
+    results: list[list[Sample | None]] = [[None] * n for _ in prompts]
     device = model.device
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     with _progress(len(prompts), progress) as advance:
@@ -131,8 +132,8 @@ def generate_hf(
                 )
             for (i, s), row in zip(batch, output[:, input_ids.shape[1] :].tolist()):
                 results[i][s] = to_sample(row, stop_ids, tokenizer)
-            advance(len(batch) / settings.n)
-    return results  # type: ignore[return-value]  (every slot was filled above)
+            advance(len(batch) / n)
+    return [row * (settings.n // n) for row in results]  # type: ignore[misc]  (all filled)
 
 
 def load_vllm(model_path: str, *, tokenizer_path: str | None = None, seed: int = 0):

@@ -7,8 +7,6 @@ a benchmark from details.jsonl and get the same numbers.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -16,6 +14,7 @@ from typing import Any
 from essence.eval.benchmarks import Problem
 from essence.eval.generate import Sample
 from essence.eval.grading import THINK_CLOSE, GradeResult, pass_at_k
+from essence.io import write_text_atomic
 
 SUMMARY_FILE = "summary.json"
 DETAILS_FILE = "details.jsonl"
@@ -75,10 +74,10 @@ def summarize(lines: list[dict], *, benchmark: str, model: str, seconds: float) 
 def write_results(out_dir: Path, summary: dict, lines: list[dict]) -> None:
     """Write summary.json and details.jsonl; each file is replaced whole or not at all."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out_dir / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     # default=str: a local file's extra columns (dates, decimals) must not stop the write.
     text = "".join(json.dumps(line, ensure_ascii=False, default=str) + "\n" for line in lines)
-    _write_atomic(out_dir / DETAILS_FILE, text)
+    write_text_atomic(out_dir / DETAILS_FILE, text)
 
 
 def print_table(entries: list[dict]) -> None:
@@ -116,14 +115,3 @@ def print_table(entries: list[dict]) -> None:
     Console().print(table)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # A temp file in the same folder, then os.replace: readers never see half a file,
-    # and an interrupted run leaves the previous complete file in place.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -20,6 +20,7 @@ from essence.eval.generate import (
 from essence.eval.grading import grade_detail
 from essence.eval.prompting import DEFAULT_INSTRUCTION, build_prompt
 from essence.eval.results import details_line, print_table, summarize, write_results
+from essence.loading import load_causal_lm, load_tokenizer, resolve
 
 
 def evaluate(
@@ -49,12 +50,13 @@ def evaluate(
     out_dir: gets summary.json (scores per benchmark) and details.jsonl (one line per problem),
         rewritten after each benchmark so a long run keeps what it finished.
     batch_size: sequences per `generate` call (hf backend; vLLM schedules its own batches).
-    Returns the summary.json content: {"model", "settings", "benchmarks": [per-benchmark scores]}.
+    progress: show the progress bar and, at the end, the results table.
+    Returns the summary.json content: {"model", "settings", "benchmarks": {bench: scores}}.
     """
     settings = SamplingSettings(
         n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
     )
-    _check_request(settings, backend, benches)
+    _check_request(settings, backend, benches, batch_size)
     # Files, tokenizer and prompts are all checked before the weights load, so a mistake
     # fails in seconds rather than after minutes of loading.
     problems = {bench: load_benchmark(bench, field_map=field_map, limit=limit) for bench in benches}
@@ -86,7 +88,7 @@ def evaluate(
         "system": system,
         "chat_template": chat_template,
     }
-    summary: dict[str, Any] = {"model": model_name, "settings": run_settings, "benchmarks": []}
+    summary: dict[str, Any] = {"model": model_name, "settings": run_settings, "benchmarks": {}}
     lines: list[dict] = []
     for bench, bench_problems in problems.items():
         started = time.perf_counter()
@@ -103,12 +105,12 @@ def evaluate(
         )
         lines += bench_lines
         seconds = time.perf_counter() - started
-        summary["benchmarks"].append(
-            summarize(bench_lines, benchmark=bench, model=model_name, seconds=seconds)
+        summary["benchmarks"][bench] = summarize(
+            bench_lines, benchmark=bench, model=model_name, seconds=seconds
         )
         write_results(Path(out_dir), summary, lines)
     if progress:
-        print_table(summary["benchmarks"])
+        print_table(list(summary["benchmarks"].values()))
     return summary
 
 
@@ -138,7 +140,9 @@ def _run_benchmark(
     ]
 
 
-def _check_request(settings: SamplingSettings, backend: str, benches: list[str]) -> None:
+def _check_request(
+    settings: SamplingSettings, backend: str, benches: list[str], batch_size: int
+) -> None:
     settings.check()
     if backend not in ("hf", "vllm"):
         raise EssenceError(f"backend must be 'hf' or 'vllm', got {backend!r}")
@@ -148,6 +152,8 @@ def _check_request(settings: SamplingSettings, backend: str, benches: list[str])
         raise EssenceError("no benchmark given; pass at least one --bench NAME_OR_FILE")
     if len(set(benches)) != len(benches):
         raise EssenceError(f"a benchmark is listed twice in {benches}; list each once")
+    if batch_size < 1:
+        raise EssenceError(f"batch_size must be at least 1, got {batch_size}")
 
 
 def _resolve(model: Any, tokenizer: Any, backend: Backend) -> tuple[Any, Any, str]:
@@ -155,30 +161,28 @@ def _resolve(model: Any, tokenizer: Any, backend: Backend) -> tuple[Any, Any, st
     if isinstance(model, tuple):
         model, tokenizer = model
     if isinstance(tokenizer, (str, Path)):
-        tokenizer = _load_tokenizer(str(tokenizer))
+        tokenizer = load_tokenizer(str(tokenizer))
     if not isinstance(model, (str, Path)):
         if backend == "vllm":
             raise EssenceError(
-                "backend 'vllm' loads the model itself: pass a checkpoint path or hub id, not a loaded model"
+                "backend 'vllm' loads the model itself: pass a checkpoint path or hub id, "
+                "not a loaded model"
             )
         if tokenizer is None:
             raise EssenceError(
                 "a loaded model needs its tokenizer: pass (model, tokenizer) or tokenizer=..."
             )
         return model, tokenizer, getattr(model, "name_or_path", "") or "in-memory model"
-    name = str(model)
-    _check_model_path(name)
-    return name, tokenizer if tokenizer is not None else _load_tokenizer(name), name
+    spec = str(model)
+    path = resolve(spec)  # essence:demo/student and the like
+    _check_model_path(path)
+    return path, tokenizer if tokenizer is not None else load_tokenizer(path), spec
 
 
-def _load_weights(name: str):
+def _load_weights(path: str):
     import torch
-    from transformers import AutoModelForCausalLM
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype="auto")
-    except OSError as err:
-        raise EssenceError(f"could not load model {name!r}: {_first_line(err)}") from None
+    model = load_causal_lm(path, dtype="auto", role="model", flag="--model")
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 
@@ -199,22 +203,6 @@ def _check_model_path(name: str) -> None:
         raise EssenceError(
             f"model path {name} does not exist; check the path (or pass a hub id such as Qwen/Qwen3-8B)"
         )
-
-
-def _load_tokenizer(name: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except OSError as err:
-        raise EssenceError(
-            f"could not load the tokenizer of {name!r}: {_first_line(err)}"
-        ) from None
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return (text.splitlines() or [type(err).__name__])[0]
 
 
 def _path_or_none(tokenizer: Any) -> str | None:
