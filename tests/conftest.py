@@ -10,6 +10,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
+# The test models are tiny: one thread is faster than two, and on a shared, busy machine
+# multi-threaded kernels of tiny tensors can be 20x slower (spinning workers).
+torch.set_num_threads(1)
+
 FIXTURES = Path(__file__).parent / "fixtures"
 RECORDS = FIXTURES / "records"
 BENCHMARKS = FIXTURES / "benchmarks"

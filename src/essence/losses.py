@@ -338,21 +338,48 @@ def _teacher_logits(idx: Tensor, spec: _Spec, teacher_head32: Tensor | None) -> 
     return spec.teacher_hidden[idx].float() @ teacher_head32.T
 
 
+class _Gradients:
+    """fp32 gradients per stream (NLL and KD, or one combined), filled chunk by chunk.
+
+    hidden[s]: [N, H]; head[s]: [V_s, H] (rows past the compared vocabulary stay 0); None while
+    stream s has had no tokens, or when that gradient is not wanted.
+    """
+
+    def __init__(self, streams: int, student_hidden: Tensor, student_head: Tensor, head32: Tensor,
+                 want_hidden: bool, want_head: bool):
+        self.hidden: list[Tensor | None] = [None] * streams
+        self.head: list[Tensor | None] = [None] * streams
+        self._shapes = (student_hidden.shape, student_head.shape)
+        self._head32, self._want = head32, (want_hidden, want_head)
+
+    def add(self, s: int, g: Tensor | None, idx: Tensor, h: Tensor) -> None:
+        """Add stream s's logit gradient g [c, V] (None: nothing) of the tokens idx [c], whose
+        fp32 hidden states are h [c, H]."""
+        if g is None:
+            return
+        if self._want[0]:
+            if self.hidden[s] is None:
+                self.hidden[s] = g.new_zeros(self._shapes[0])
+            self.hidden[s].index_copy_(0, idx, g @ self._head32)  # each token is in one chunk
+        if self._want[1]:
+            if self.head[s] is None:
+                self.head[s] = g.new_zeros(self._shapes[1])
+            self.head[s][:g.shape[1]].addmm_(g.T, h)
+
+
 @torch.no_grad()
 def _fused_forward(student_hidden: Tensor, student_head: Tensor, labels: Tensor, nll_mask: Tensor,
-                   kd_mask: Tensor, spec: _Spec, need_hidden_grad: bool, need_head_grad: bool):
+                   kd_mask: Tensor, spec: _Spec, want_hidden: bool,
+                   want_head: bool) -> tuple[Tensor, Tensor, _Gradients]:
     """Walk the supervised tokens chunk by chunk; sum the losses, accumulate their gradients.
 
-    Returns nll_sum, kd_sum (fp32 scalars) and two lists with one entry per gradient stream
-    (NLL and KD; or one combined stream when spec.loss_weights is set): hidden gradients
-    [N, H] and head gradients [V_s, H], fp32, None where a stream got no tokens or is not needed.
+    Returns nll_sum, kd_sum (fp32 scalars) and the gradients of each stream: NLL and KD, or
+    one combined stream when spec.loss_weights is set.
     """
-    v = spec.vocab
-    head32 = student_head[:v].float()  # fp32 arithmetic for bf16 heads; no copy when fp32
-    teacher_head32 = None if spec.teacher_head is None else spec.teacher_head[:v].float()
-    streams = 2 if spec.loss_weights is None else 1
-    grad_hidden: list[Tensor | None] = [None] * streams
-    grad_head: list[Tensor | None] = [None] * streams
+    head32 = student_head[:spec.vocab].float()  # fp32 arithmetic for bf16 heads; no copy when fp32
+    teacher_head32 = None if spec.teacher_head is None else spec.teacher_head[:spec.vocab].float()
+    grads = _Gradients(2 if spec.loss_weights is None else 1, student_hidden, student_head, head32,
+                       want_hidden, want_head)
     nll_sum = kd_sum = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
     rows = torch.nonzero(nll_mask | kd_mask).squeeze(1)
     for start in range(0, rows.numel(), spec.chunk_size):
@@ -363,31 +390,19 @@ def _fused_forward(student_hidden: Tensor, student_head: Tensor, labels: Tensor,
         nll, kd, g_nll, g_kd = _chunk_terms(h @ head32.T, zt, labels[idx], nll_mask[idx], kd_rows, spec)
         del zt
         nll_sum, kd_sum = nll_sum + nll.sum(), kd_sum + kd.sum()
-        if spec.loss_weights is None:
-            grads = [g_nll, g_kd]
-        else:
+        if spec.loss_weights is not None:
             # One combined logit gradient: half the gradient matmuls and one [V, H] accumulator.
             w_nll, w_kd = spec.loss_weights
             if g_nll is None or g_kd is None:
-                grads = [g_kd.mul_(w_kd) if g_nll is None else g_nll.mul_(w_nll)]
+                g_nll = g_kd.mul_(w_kd) if g_nll is None else g_nll.mul_(w_nll)
             else:
-                grads = [g_nll.mul_(w_nll).add_(g_kd, alpha=w_kd)]
-            g_nll = g_kd = None  # the KD buffer is free before the gradient matmuls
-        for s, g in enumerate(grads):
-            if g is None:
-                continue
-            if need_hidden_grad:
-                if grad_hidden[s] is None:
-                    grad_hidden[s] = torch.zeros(student_hidden.shape, dtype=torch.float32,
-                                                 device=student_hidden.device)
-                grad_hidden[s].index_copy_(0, idx, g @ head32)
-            if need_head_grad:
-                if grad_head[s] is None:
-                    grad_head[s] = torch.zeros(student_head.shape, dtype=torch.float32,
-                                               device=student_head.device)
-                grad_head[s][:v].addmm_(g.T, h)
-        del g_nll, g_kd, grads
-    return nll_sum, kd_sum, grad_hidden, grad_head
+                g_nll = g_nll.mul_(w_nll).add_(g_kd, alpha=w_kd)
+            g_kd = None  # its buffer is freed before the gradient matmuls
+        grads.add(0, g_nll, idx, h)
+        grads.add(1, g_kd, idx, h)
+        # Free this chunk's [c, V] buffers before the next chunk allocates its own.
+        del g_nll, g_kd
+    return nll_sum, kd_sum, grads
 
 
 def _weighted_scale(g_nll: Tensor, g_kd: Tensor, weights: tuple[float, float]) -> float:
@@ -420,9 +435,8 @@ class _FusedDistillLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_hidden, student_head, labels, nll_mask, kd_mask, spec):
-        need_hidden, need_head = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        nll_sum, kd_sum, ctx.grad_hidden, ctx.grad_head = _fused_forward(
-            student_hidden, student_head, labels, nll_mask, kd_mask, spec, need_hidden, need_head)
+        nll_sum, kd_sum, ctx.grads = _fused_forward(student_hidden, student_head, labels, nll_mask,
+                                                    kd_mask, spec, *ctx.needs_input_grad[:2])
         ctx.loss_weights = spec.loss_weights
         ctx.dtypes = (student_hidden.dtype, student_head.dtype)
         return nll_sum, kd_sum
@@ -430,16 +444,16 @@ class _FusedDistillLoss(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_nll, g_kd):
-        if ctx.grad_hidden is None:
+        if ctx.grads is None:
             raise RuntimeError("backward ran twice through distill_loss_sums: its stored gradients "
                                "are used up (retain_graph is not supported); recompute the loss")
         if ctx.loss_weights is None:
             scales = [g_nll, g_kd]
         else:
             scales = [_weighted_scale(g_nll, g_kd, ctx.loss_weights)]
-        grad_hidden = _scaled_sum(ctx.grad_hidden, scales, ctx.dtypes[0])
-        grad_head = _scaled_sum(ctx.grad_head, scales, ctx.dtypes[1])
-        ctx.grad_hidden = ctx.grad_head = None
+        grad_hidden = _scaled_sum(ctx.grads.hidden, scales, ctx.dtypes[0])
+        grad_head = _scaled_sum(ctx.grads.head, scales, ctx.dtypes[1])
+        ctx.grads = None
         return grad_hidden, grad_head, None, None, None, None
 
 
@@ -524,8 +538,8 @@ def distill_loss_sums(student_hidden: Tensor, student_head: Tensor, teacher_hidd
                       loss_weights)
     grad_wanted = torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.requires_grad)
     if not grad_wanted:
-        nll_sum, kd_sum, _, _ = _fused_forward(student_hidden, student_head, labels, nll_mask, kd_mask,
-                                               spec, False, False)
+        nll_sum, kd_sum, _ = _fused_forward(student_hidden, student_head, labels, nll_mask, kd_mask,
+                                            spec, False, False)
         return nll_sum, kd_sum
     return _FusedDistillLoss.apply(student_hidden, student_head, labels, nll_mask, kd_mask, spec)
 

@@ -32,6 +32,8 @@ def make_accelerator(config: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    if config.cpu_threads is not None:
+        torch.set_num_threads(config.cpu_threads)
     precision = config.mixed_precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "no"
