@@ -35,12 +35,12 @@ from math_verify import parse, verify
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from essence.data.synth import DEMO_INSTRUCTION, generate
+from essence.data.synth import DEFAULT_DIGITS, DEFAULT_STEPS, DEMO_INSTRUCTION, generate
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 1234
 TOKENIZER_SEED, TRAIN_SEED, EVAL_SEED, STUDENT_SEED = 1, 2, 3, 4
-STEPS, DIGITS = (2, 4), 1  # the synthetic task's difficulty (synth.generate's defaults)
+STEPS, DIGITS = DEFAULT_STEPS, DEFAULT_DIGITS  # the synthetic task's difficulty
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -60,8 +60,9 @@ class ModelSpec:
     batch: int = 32
 
 
-TEACHER = ModelSpec(layers=4, hidden=128, steps=1500, lr=3e-3)
-STUDENT = ModelSpec(layers=2, hidden=64, steps=200, lr=3e-3)
+# Tiny models learn this task in optimizer steps more than in tokens: small batches pay.
+TEACHER = ModelSpec(layers=4, hidden=128, steps=4600, lr=2e-3, batch=4)  # ~3M tokens
+STUDENT = ModelSpec(layers=2, hidden=96, steps=770, lr=3e-3, batch=8)  # ~1M tokens: format, weak sums
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -86,8 +87,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     # Not special: like Qwen3's, they survive decode(skip_special_tokens=True).
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ("<think>", "</think>")])
     hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>"], model_max_length=1024,
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=1024
     )
     hf.chat_template = CHAT_TEMPLATE
     return hf
@@ -105,23 +105,6 @@ def messages(row: dict, reasoning: str | None = None) -> list[dict]:
 def render(row: dict, reasoning: str | None = None) -> str:
     """ChatML text of one training conversation (tokenizer-independent, same as the template)."""
     return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages(row, reasoning))
-
-
-def short_reasoning(row: dict) -> str:
-    """The base student's chat trace: straight to the conclusion, no working."""
-    return next(l for l in row["reasoning"].split("\n") if l.startswith("So "))
-
-
-def student_examples(tok, rows: list[dict]) -> list[tuple[list[int], list[bool]]]:
-    """The base student's data: chats that answer without working, and the working as plain text.
-
-    Like a base model that has read worked arithmetic as documents but, asked a question,
-    answers at once: it knows the format and the sums, not to reason before answering.
-    """
-    half = len(rows) // 2
-    chats = [encode(tok, r, short_reasoning(r)) for r in rows[:half]]
-    docs = [tok(r["reasoning"] + "<|endoftext|>", add_special_tokens=False)["input_ids"] for r in rows[half:]]
-    return chats + [(ids, [True] * len(ids)) for ids in docs]
 
 
 def encode(tok, row: dict, reasoning: str | None = None) -> tuple[list[int], list[bool]]:
@@ -235,29 +218,69 @@ def build_model(spec: ModelSpec, tok, examples, eval_rows, device: str):
     return model.to("cpu"), acc, acc_mv, outs
 
 
+def write_readme(out: Path, tok, results: dict[str, tuple[ModelSpec, int, float, float]], seconds: float) -> None:
+    """The assets' README: what the two models are, how they were built, what they score."""
+    rows = "\n".join(
+        f"| {name} | {spec.layers} | {spec.hidden} | {params:,} | {spec.steps} x {spec.batch} | {spec.lr:g} "
+        f"| {acc:.1%} | {acc_mv:.1%} |"
+        for name, (spec, params, acc, acc_mv) in results.items()
+    )
+    (out / "README.md").write_text(f"""# Embedded demo models
+
+Two small Llama causal LMs for `essence demo`, trained from scratch on the synthetic task
+`essence.data.synth` (seeded multi-step arithmetic word problems; `generate` defaults: steps
+{STEPS[0]}-{STEPS[1]}, digits {DIGITS}). They share one tokenizer: byte-level BPE, {len(tok)} tokens,
+one token per digit, ChatML chat template, `<think>`/`</think>` single tokens, eos `<|im_end|>`,
+pad `<|endoftext|>`. Training text: user turn = problem + "\\n" + DEMO_INSTRUCTION, assistant turn =
+"<think>\\n" + reasoning + "\\n</think>\\n\\n" + answer; loss on the assistant turn only.
+
+- `teacher/`: trained until it solves the task.
+- `student/`: smaller, trained briefly on the same traces: it knows the answer format
+  (`...</think>\\n\\nThe answer is \\boxed{{N}}.<|im_end|>`) but gets the sums wrong, so
+  distilling the teacher into it has room to show.
+
+| model | layers | hidden | parameters | steps x batch | lr | held-out accuracy | math-verify |
+| --- | --- | --- | --- | --- | --- | --- | --- |
+{rows}
+
+Accuracy: greedy decoding of 200 held-out problems (`generate(200, seed={EVAL_SEED})`), stop at
+`<|im_end|>`, last `\\boxed{{}}` integer compared with the ground truth; math-verify column: the same
+completions graded by math-verify.
+
+Built by `python scripts/build_demo_models.py` (seed {SEED}; tokenizer data seed {TOKENIZER_SEED},
+training data seed {TRAIN_SEED}) in {seconds / 60:.1f} minutes on {torch.get_num_threads()} CPU thread(s), fp32, torch
+{torch.__version__}. The same command on the same machine rebuilds the same files.
+""")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(REPO / "src/essence/assets/demo"))
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--n-train", type=int, default=40000)
+    ap.add_argument("--threads", type=int, default=1, help="1 is fastest for models this small")
+    ap.add_argument("--n-train", type=int, default=20000)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
+    out = Path(args.out)
     tok = build_tokenizer()
     eval_rows = generate(200, EVAL_SEED, steps=STEPS, digits=DIGITS)
     held_out = {r["problem"] for r in eval_rows}
     train_rows = [r for r in generate(args.n_train, TRAIN_SEED, steps=STEPS, digits=DIGITS) if r["problem"] not in held_out]
     print(f"tokenizer: {len(tok)} tokens; {len(train_rows)} training problems")
+    examples = [encode(tok, r) for r in train_rows]
     results = {}
-    data = {"teacher": [encode(tok, r) for r in train_rows], "student": student_examples(tok, train_rows)}
     for name, spec in (("teacher", TEACHER), ("student", STUDENT)):
         print(f"{name}:", end=" ")
-        model, acc, acc_mv, _ = build_model(spec, tok, data[name], eval_rows, args.device)
-        results[name] = (model.num_parameters(), acc, acc_mv)
-        model.save_pretrained(Path(args.out) / name)
-        tok.save_pretrained(Path(args.out) / name)
-    print(f"done in {time.time() - t0:.0f}s: {results}")
+        model, acc, acc_mv, _ = build_model(spec, tok, examples, eval_rows, args.device)
+        results[name] = (spec, model.num_parameters(), acc, acc_mv)
+        model.save_pretrained(out / name)
+        tok.save_pretrained(out / name)
+    seconds = time.time() - t0
+    write_readme(out, tok, results, seconds)
+    for name, (_, params, acc, acc_mv) in results.items():
+        print(f"{name}: {params:,} parameters, held-out accuracy {acc:.1%} (math-verify {acc_mv:.1%})")
+    print(f"done in {seconds / 60:.1f} minutes; wrote {out}")
 
 
 if __name__ == "__main__":

@@ -196,6 +196,18 @@ def test_chunked_equals_naive_for_bf16_inputs(kind):
     assert_same(got[2:], expected[2:], rtol=2e-2, atol=2e-3)   # bf16 gradients: one rounding each
 
 
+@pytest.mark.parametrize(("kind", "params"), CASES, ids=IDS)
+def test_chunked_loss_of_extreme_logits_stays_finite(kind, params):
+    inputs = problem(seed=11)
+    with torch.no_grad():  # logits of order ±1e4: nearly every probability underflows
+        inputs["student_hidden"] *= 3e3
+        inputs["teacher_hidden"] *= 3e3
+    nll, kd, grad_hidden, grad_head = run(distill_loss_sums, inputs, kind=kind, params=params,
+                                          temperature=0.7, chunk_size=5)
+    assert nll > 1e3 and torch.isfinite(kd)
+    assert torch.isfinite(grad_hidden).all() and torch.isfinite(grad_head).all()
+
+
 def test_each_sum_gets_its_own_gradient():
     inputs = problem(seed=3)
     for weights in ((1.0, 0.0), (0.0, 1.0), (-2.0, 0.5)):

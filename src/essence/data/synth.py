@@ -31,10 +31,16 @@ _CONTAINERS = ["bags", "boxes", "packs", "jars"]
 # (third person, base form) so the trace can name the operation its line performs.
 _ADD_VERBS = [("finds", "Find"), ("gets", "Get"), ("buys", "Buy"), ("wins", "Win")]
 _SUB_VERBS = [("gives away", "Give away"), ("loses", "Lose"), ("sells", "Sell"), ("uses", "Use")]
-_KINDS = ("add", "sub", "groups_add", "groups_sub")
+
+DEFAULT_STEPS = (2, 4)
+DEFAULT_DIGITS = 1
+"""The defaults are tuned so a ~1M-parameter model learns the task on a laptop CPU in minutes,
+while a model that answers without working guesses right only about one time in six."""
 
 
-def generate(n: int, seed: int, *, steps: tuple[int, int] = (2, 4), digits: int = 1) -> list[dict]:
+def generate(
+    n: int, seed: int, *, steps: tuple[int, int] = DEFAULT_STEPS, digits: int = DEFAULT_DIGITS
+) -> list[dict]:
     """Generate ``n`` word problems with traces; the same (n, seed, steps, digits) gives the same rows.
 
     steps: inclusive range of the number of operations after the start value.
@@ -55,13 +61,16 @@ def write_jsonl(rows: list[dict], path: str | os.PathLike) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def synth_command(n: int, seed: int, out: str, steps: tuple[int, int] = (2, 4), digits: int = 1) -> int:
+def synth_command(
+    n: int, seed: int, out: str, steps: tuple[int, int] = DEFAULT_STEPS, digits: int = DEFAULT_DIGITS
+) -> int:
     """`essence data synth`: generate ``n`` rows and write them to ``out``; returns the row count."""
     rows = generate(n, seed, steps=steps, digits=digits)
     write_jsonl(rows, out)
