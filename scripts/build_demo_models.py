@@ -9,15 +9,14 @@ the same files.
 
 Run time: RUNTIME_PLACEHOLDER
 
-- teacher: trained on full traces (derivation, then two checks, then the boxed answer) until
-  it solves held-out problems greedily;
-- base student: smaller, trained briefly on traces whose reasoning jumps from the start value
-  straight to the conclusion, so it knows the answer format (`<think>\\n...\\n</think>\\n\\n
-  The answer is \\boxed{N}.<|im_end|>`) but guesses the number — like a base model that can
-  end an answer before it is taught to reason.
+- teacher (4 layers x 128): trained on full traces (derivation, two checks, boxed answer)
+  until it solves held-out problems greedily;
+- base student (2 layers x 96): the same data, about a third of the tokens: it knows the
+  answer format (`<think>\\n...\\n</think>\\n\\nThe answer is \\boxed{N}.<|im_end|>`) and the
+  shape of the working, but its sums are often wrong — the teacher has much to teach it.
 
 Both are graded on the same 200 held-out problems (greedy, stop at <|im_end|>, last \\boxed{}
-integer, cross-checked with math-verify) and the numbers go into the assets' README.md.
+integer, cross-checked with math-verify); the numbers go into the assets' README.md.
 """
 
 from __future__ import annotations
@@ -218,6 +217,18 @@ def build_model(spec: ModelSpec, tok, examples, eval_rows, device: str):
     return model.to("cpu"), acc, acc_mv, outs
 
 
+def save(model, tok, folder: Path) -> None:
+    """Model (safetensors) and tokenizer in one folder, readable by every user of the package."""
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    config = folder / "tokenizer_config.json"
+    # transformers 5 names its fast-tokenizer class TokenizersBackend, which 4.x cannot load;
+    # PreTrainedTokenizerFast means the same class in both.
+    config.write_text(config.read_text().replace('"TokenizersBackend"', '"PreTrainedTokenizerFast"'))
+    for f in folder.iterdir():
+        f.chmod(0o644)  # safetensors writes owner-only files
+
+
 def write_readme(out: Path, tok, results: dict[str, tuple[ModelSpec, int, float, float]], seconds: float) -> None:
     """The assets' README: what the two models are, how they were built, what they score."""
     rows = "\n".join(
@@ -274,8 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name}:", end=" ")
         model, acc, acc_mv, _ = build_model(spec, tok, examples, eval_rows, args.device)
         results[name] = (spec, model.num_parameters(), acc, acc_mv)
-        model.save_pretrained(out / name)
-        tok.save_pretrained(out / name)
+        save(model, tok, out / name)
     seconds = time.time() - t0
     write_readme(out, tok, results, seconds)
     for name, (_, params, acc, acc_mv) in results.items():

@@ -19,6 +19,7 @@ import yaml
 
 from essence.data.pipeline import DataConfig
 from essence.errors import EssenceError
+from essence.eval.prompting import DEFAULT_INSTRUCTION
 from essence.losses import Divergence
 
 
@@ -120,6 +121,8 @@ class EvalConfig:
     """Prompts generated together."""
     backend: Literal["hf", "vllm"] = "hf"
     """Generation backend."""
+    instruction: str = DEFAULT_INSTRUCTION
+    """Appended to each problem in the user turn; empty for none (problems that carry their own)."""
 
 
 @dataclass(frozen=True)

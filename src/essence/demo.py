@@ -57,7 +57,7 @@ def evaluate_reference(name: str, model: str, heldout: Path, runs: Path, seed: i
     started = time.perf_counter()
     result = evaluate(resolve(model), [str(heldout)], out_dir=run_dir / "eval", n=e.n,
                       max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
-                      seed=seed, batch_size=e.batch_size, instruction=None)
+                      seed=seed, batch_size=e.batch_size, instruction=e.instruction or None)
     summary = {"run": name, "model": model, "truncation": "-", "eval": result,
                "eval_time_s": time.perf_counter() - started}
     write_json_atomic(run_dir / "summary.json", summary)

@@ -301,7 +301,7 @@ def train(config: Config, out_dir: str | Path, resume: bool = False) -> dict:
             str(run_dir / "model"), list(e.benches), out_dir=run_dir / "eval", n=e.n,
             max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
             limit=e.limit, batch_size=e.batch_size, backend=e.backend, seed=config.train.seed,
-            chat_template=config.data.chat_template,
+            chat_template=config.data.chat_template, instruction=e.instruction or None,
         )
     if trainer.is_main:
         write_json_atomic(run_dir / "summary.json", summary)
