@@ -64,6 +64,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="float32: everything fp32; bfloat16: bf16 mixed precision as essence trains "
                         "on GPU (student fp32 weights under bf16 autocast, teacher weights in bf16)")
     parser.add_argument("--chunk", type=int, default=1024, help="essence: tokens per chunk of the fused loss")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice); 1 steadies timings on cores "
+                        "shared with other work, where one descheduled thread stalls its partner")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds over the variants")
 
 
@@ -82,6 +85,7 @@ def forward_worker_args(args: argparse.Namespace) -> list[str]:
     out = ["--models", args.models, "--keep-every", str(args.keep_every), "--student", args.student,
            "--teacher", args.teacher, "--tokenizer", args.tokenizer, "--device", args.device,
            "--dtype", args.dtype, "--chunk", str(args.chunk)]
+    out += ["--threads", str(args.threads)] if args.threads else []
     return out + (["--cache-dir", args.cache_dir] if args.cache_dir else [])
 
 
@@ -93,6 +97,8 @@ def load_models(args: argparse.Namespace):
     """(student, teacher, tokenizer) on args.device; identical weights in every process."""
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     teacher_dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     if args.models == "smollm2":

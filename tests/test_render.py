@@ -46,6 +46,7 @@ def test_spans_are_exact(tokenizer_name, request):
         # Decoding the whole sequence gives back the rendered text.
         assert tokenizer.decode(rendered.input_ids) == rendered.text
         assert segment_text(tokenizer, rendered, (spans.think_end - 1, spans.think_end)) == "</think>"
+        assert spans.think_close == spans.think_end - 1
 
 
 def test_qwen3_think_tags_are_single_tokens(qwen3_tokenizer):

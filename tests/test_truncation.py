@@ -4,8 +4,8 @@ from essence.data.render import Spans
 from essence.data.truncation import TruncationConfig, lead_span, truncate, window
 from essence.errors import EssenceError
 
-# 10 tokens: prompt 0-2, cot 3-7 (think tag closes at 7), answer 8-9.
-SPANS = Spans(prompt=(0, 3), cot=(3, 8), answer=(8, 10), think_end=7)
+# 10 tokens: prompt 0-2, cot 3-7 (closing think tag is token 6, so it ends at 7), answer 8-9.
+SPANS = Spans(prompt=(0, 3), cot=(3, 8), answer=(8, 10), think_end=7, think_close=6)
 
 
 def kept(**kwargs):
@@ -67,13 +67,16 @@ def test_cut_after_think():
     assert truncate(no_tag, TruncationConfig(cut_after_think=True)).ranges == ((0, 8),)
 
 
-def test_cot_lead_keeps_prompt_and_answer():
-    k = kept(cot_lead=0.5)  # floor(0.5 * 5) = 2 CoT tokens
-    assert k.ranges == ((0, 5), (8, 10)) and (k.prompt, k.cot, k.answer) == (3, 2, 2)
-    assert kept(cot_lead=0.0).ranges == ((0, 3), (8, 10))
+def test_cot_lead_keeps_prompt_closing_tag_and_answer():
+    k = kept(cot_lead=0.5)  # floor(0.5 * 5) = 2 CoT tokens, then </think> (6) and the blank (7)
+    assert k.ranges == ((0, 5), (6, 10)) and (k.prompt, k.cot, k.answer) == (3, 4, 2)
+    assert kept(cot_lead=0.0).ranges == ((0, 3), (6, 10))
+    assert kept(cot_lead=0.8).ranges == ((0, 10),)  # 4 lead tokens reach the tag: contiguous
     assert kept(cot_lead=1.0).total == 10
-    assert kept(cot_lead=0.5, max_tokens=6).ranges == ((0, 5), (8, 9))
-    assert kept(cot_lead=0.5).indices() == [0, 1, 2, 3, 4, 8, 9]
+    assert kept(cot_lead=0.5, max_tokens=6).ranges == ((0, 5), (6, 7))
+    assert kept(cot_lead=0.5).indices() == [0, 1, 2, 3, 4, 6, 7, 8, 9]
+    no_tag = Spans(prompt=(0, 3), cot=(3, 8), answer=(8, 10), think_end=None)
+    assert truncate(no_tag, TruncationConfig(cot_lead=0.5)).ranges == ((0, 5), (8, 10))
 
 
 def test_protocols_are_exclusive_and_validated():

@@ -40,6 +40,8 @@ class Spans:
     answer: tuple[int, int]
     think_end: int | None
     """Token index just after the closing think tag (None when the template has none)."""
+    think_close: int | None = None
+    """Token index where the closing think tag starts (None when the template has none)."""
 
     @property
     def length(self) -> int:
@@ -122,7 +124,7 @@ def generation_prompt(
 
 
 def _char_bounds(text: str, record: Record, header: str) -> tuple[int, int, int, int | None]:
-    """Character positions: prompt end, CoT start of the text, answer start, think end."""
+    """Character positions: prompt end, CoT text start, answer start, closing tag start."""
     cursor = 0
     if record.system:
         found = text.find(record.system)
@@ -154,8 +156,7 @@ def _char_bounds(text: str, record: Record, header: str) -> tuple[int, int, int,
         open_at = text.rfind(THINK_OPEN, cursor, cot_at)
         prompt_end = open_at if open_at >= 0 else cot_at
     close_at = text.find(THINK_CLOSE, cot_at + len(record.cot), answer_at)
-    think_end = close_at + len(THINK_CLOSE) if close_at >= 0 else None
-    return prompt_end, cot_at, answer_at, think_end
+    return prompt_end, cot_at, answer_at, close_at if close_at >= 0 else None
 
 
 def render(record: Record, tokenizer, chat_template: str | None = None) -> Rendered:
@@ -168,17 +169,21 @@ def render(record: Record, tokenizer, chat_template: str | None = None) -> Rende
     template = resolve_template(tokenizer, chat_template)
     text = _apply(tokenizer, messages_for(record), template, generation=False)
     header = _apply(tokenizer, messages_for(record, with_answer=False), template, generation=True)
-    prompt_end, _, answer_at, think_end = _char_bounds(text, record, header)
+    prompt_end, _, answer_at, close_at = _char_bounds(text, record, header)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
     n_prompt = sum(1 for start, _ in offsets if start < prompt_end)
     n_before_answer = sum(1 for start, _ in offsets if start < answer_at)
-    think_tok = None if think_end is None else sum(1 for s, _ in offsets if s < think_end)
+    close_tok = end_tok = None
+    if close_at is not None:
+        close_tok = sum(1 for s, _ in offsets if s < close_at)
+        end_tok = sum(1 for s, _ in offsets if s < close_at + len(THINK_CLOSE))
     spans = Spans(
         prompt=(0, n_prompt),
         cot=(n_prompt, n_before_answer),
         answer=(n_before_answer, len(ids)),
-        think_end=think_tok,
+        think_end=end_tok,
+        think_close=close_tok,
     )
     assert n_prompt <= n_before_answer <= len(ids), f"record {record.id}: spans out of order"
     return Rendered(record_id=record.id, input_ids=ids, spans=spans, text=text, offsets=offsets)

@@ -29,7 +29,8 @@ class TruncationConfig:
     window_position: WindowPosition = "left"
     """Where the window sits: left (start), middle (centre) or right (end)."""
     cot_lead: float | None = None
-    """Keep the prompt, the first floor(x·|CoT|) CoT tokens and the whole answer (None: off)."""
+    """Keep the prompt, the first floor(x·|CoT|) CoT tokens, the closing think tag and the
+    whole answer (None: off)."""
     cut_after_think: bool = False
     """End each sequence right after the closing think tag (drops the answer)."""
     max_tokens: int | None = None
@@ -136,8 +137,10 @@ def truncate(spans: Spans, config: TruncationConfig) -> Kept:
         ranges = [window(n, config.window, config.window_position)]
     elif config.cot_lead is not None:
         cot_len = spans.cot[1] - spans.cot[0]
-        keep = math.floor(cot_len * config.cot_lead + 1e-9)
-        ranges = [(0, spans.cot[0] + keep), spans.answer]
+        lead_end = spans.cot[0] + math.floor(cot_len * config.cot_lead + 1e-9)
+        # The closing tag stays, so the student still learns to end its thinking.
+        tail = spans.think_close if spans.think_close is not None else spans.answer[0]
+        ranges = [(0, lead_end), (max(lead_end, tail), spans.answer[1])]
     elif config.cut_after_think:
         end = spans.think_end if spans.think_end is not None else spans.cot[1]
         ranges = [(0, end)]
@@ -145,7 +148,21 @@ def truncate(spans: Spans, config: TruncationConfig) -> Kept:
         ranges = [(0, lead_span(n, config.lsp))]
     if config.max_tokens is not None:
         ranges = _cap(ranges, config.max_tokens)
+    ranges = _merge(ranges)
     return _kept(ranges, spans)
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Join touching ranges, so one contiguous span is reported as one range."""
+    merged: list[tuple[int, int]] = []
+    for start, end in ranges:
+        if end <= start:
+            continue
+        if merged and merged[-1][1] == start:
+            merged[-1] = (merged[-1][0], end)
+        else:
+            merged.append((start, end))
+    return merged
 
 
 def _cap(ranges: list[tuple[int, int]], k: int) -> list[tuple[int, int]]:
