@@ -303,7 +303,7 @@ def environment(args: argparse.Namespace) -> str:
 
     import torch
 
-    where = f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads"
+    where = f"{os.cpu_count()} CPU cores, {args.threads or torch.get_num_threads()} torch threads"
     if args.device == "cuda" and torch.cuda.is_available():
         where = torch.cuda.get_device_name(0)
     return f"{where}; torch {torch.__version__}; Python {platform.python_version()}"

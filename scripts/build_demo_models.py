@@ -38,7 +38,7 @@ from essence.data.synth import DEFAULT_DIGITS, DEFAULT_STEPS, DEMO_INSTRUCTION, 
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 1234
-TOKENIZER_SEED, TRAIN_SEED, EVAL_SEED, STUDENT_SEED = 1, 2, 3, 4
+TOKENIZER_SEED, TRAIN_SEED, EVAL_SEED = 1, 2, 3
 STEPS, DIGITS = DEFAULT_STEPS, DEFAULT_DIGITS  # the synthetic task's difficulty
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -61,7 +61,8 @@ class ModelSpec:
 
 # Tiny models learn this task in optimizer steps more than in tokens: small batches pay.
 TEACHER = ModelSpec(layers=4, hidden=128, steps=4600, lr=2e-3, batch=4)  # ~3M tokens
-STUDENT = ModelSpec(layers=2, hidden=96, steps=770, lr=3e-3, batch=8)  # ~1M tokens: format, weak sums
+STUDENT = ModelSpec(layers=2, hidden=96, steps=1300, lr=2e-3, batch=4)  # ~0.85M tokens: format, weak sums
+TEACHER_MIN, STUDENT_RANGE = 0.95, (0.05, 0.30)  # held-out accuracy the build must reach
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -177,44 +178,49 @@ def train(model, spec: ModelSpec, examples, device: str, log_every: int = 100) -
 
 
 BOXED = re.compile(r"\\boxed\{(-?\d+)\}")
+WELL_FORMED = re.compile(r"<think>\n.*\n</think>\n\nThe answer is \\boxed\{\d+\}\.", re.S)
 
 
-def grade(completion: str, truth: int) -> tuple[bool, bool]:
-    """(last \\boxed{} integer equals the truth, math-verify agrees) for one completion."""
-    found = BOXED.findall(completion)
-    by_regex = bool(found) and int(found[-1]) == truth
-    by_mv = bool(verify(parse(f"${truth}$"), parse(completion)))
-    return by_regex, by_mv
+@dataclass
+class Score:
+    """A model's greedy results on the held-out problems."""
+
+    accuracy: float  # last \boxed{} integer equals the ground truth
+    math_verify: float  # math-verify says the completion's answer equals the ground truth
+    well_formed: float  # <think>, working, </think>, then exactly "The answer is \boxed{N}."
+    completions: list[str]
 
 
 @torch.no_grad()
-def evaluate(model, tok, rows: list[dict], device: str, batch: int = 100) -> tuple[float, float, list[str]]:
-    """Greedy accuracy on rows (regex, math-verify) and the completions, stopping at <|im_end|>."""
+def evaluate(model, tok, rows: list[dict], device: str, batch: int = 100) -> Score:
+    """Greedy completions of the rows' prompts, stopped at <|im_end|>, graded two ways."""
     tok.padding_side = "left"
-    outs, hits = [], [0, 0]
+    outs = []
     for lo in range(0, len(rows), batch):
-        chunk = rows[lo : lo + batch]
-        prompts = [tok.apply_chat_template([messages(r)[0]], tokenize=False, add_generation_prompt=True) for r in chunk]
+        prompts = [tok.apply_chat_template(messages(r)[:1], tokenize=False, add_generation_prompt=True)
+                   for r in rows[lo : lo + batch]]
         enc = tok(prompts, add_special_tokens=False, return_tensors="pt", padding=True).to(device)
         gen = model.generate(**enc, max_new_tokens=320, do_sample=False)
-        for r, g in zip(chunk, gen[:, enc["input_ids"].shape[1] :]):
-            text = tok.decode(g, skip_special_tokens=False).split("<|im_end|>")[0]
-            ok = grade(text, r["meta"]["result"])
-            hits[0] += ok[0]
-            hits[1] += ok[1]
-            outs.append(text)
-    return hits[0] / len(rows), hits[1] / len(rows), outs
+        outs += [tok.decode(g, skip_special_tokens=False) for g in gen[:, enc["input_ids"].shape[1] :]]
+    texts = [o.split("<|im_end|>")[0] for o in outs]
+    truths = [r["meta"]["result"] for r in rows]
+    regex = [bool(f := BOXED.findall(t)) and int(f[-1]) == y for t, y in zip(texts, truths)]
+    by_mv = [bool(verify(parse(f"${y}$"), parse(t))) for t, y in zip(texts, truths)]
+    formed = [bool(WELL_FORMED.fullmatch(o.split("<|im_end|>")[0])) and "<|im_end|>" in o for o in outs]
+    n = len(rows)
+    return Score(sum(regex) / n, sum(by_mv) / n, sum(formed) / n, texts)
 
 
-def build_model(spec: ModelSpec, tok, examples, eval_rows, device: str):
-    """Train one demo model from scratch and grade it: (model, accuracy, math-verify accuracy, completions)."""
+def build_model(spec: ModelSpec, tok, examples, eval_rows, device: str) -> tuple[LlamaForCausalLM, Score]:
+    """Train one demo model from scratch and grade it on the held-out rows."""
     torch.manual_seed(SEED)
     model = new_model(spec, tok)
     print(f"{model.num_parameters():,} parameters, {spec.steps} steps of {spec.batch}", flush=True)
     train(model, spec, examples, device)
-    acc, acc_mv, outs = evaluate(model, tok, eval_rows, device)
-    print(f"held-out accuracy {acc:.1%} (math-verify {acc_mv:.1%})\n  e.g. {outs[0]!r}", flush=True)
-    return model.to("cpu"), acc, acc_mv, outs
+    score = evaluate(model, tok, eval_rows, device)
+    print(f"  held-out accuracy {score.accuracy:.1%} (math-verify {score.math_verify:.1%}, "
+          f"well-formed {score.well_formed:.1%})\n  e.g. {score.completions[0]!r}", flush=True)
+    return model.to("cpu"), score
 
 
 def save(model, tok, folder: Path) -> None:
@@ -229,12 +235,12 @@ def save(model, tok, folder: Path) -> None:
         f.chmod(0o644)  # safetensors writes owner-only files
 
 
-def write_readme(out: Path, tok, results: dict[str, tuple[ModelSpec, int, float, float]], seconds: float) -> None:
+def write_readme(out: Path, tok, results: dict[str, tuple[ModelSpec, int, Score]], seconds: float) -> None:
     """The assets' README: what the two models are, how they were built, what they score."""
     rows = "\n".join(
         f"| {name} | {spec.layers} | {spec.hidden} | {params:,} | {spec.steps} x {spec.batch} | {spec.lr:g} "
-        f"| {acc:.1%} | {acc_mv:.1%} |"
-        for name, (spec, params, acc, acc_mv) in results.items()
+        f"| {s.accuracy:.1%} | {s.math_verify:.1%} | {s.well_formed:.1%} |"
+        for name, (spec, params, s) in results.items()
     )
     (out / "README.md").write_text(f"""# Embedded demo models
 
@@ -250,13 +256,14 @@ pad `<|endoftext|>`. Training text: user turn = problem + "\\n" + DEMO_INSTRUCTI
   (`...</think>\\n\\nThe answer is \\boxed{{N}}.<|im_end|>`) but gets the sums wrong, so
   distilling the teacher into it has room to show.
 
-| model | layers | hidden | parameters | steps x batch | lr | held-out accuracy | math-verify |
-| --- | --- | --- | --- | --- | --- | --- | --- |
+| model | layers | hidden | parameters | steps x batch | lr | held-out accuracy | math-verify | well-formed |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- |
 {rows}
 
 Accuracy: greedy decoding of 200 held-out problems (`generate(200, seed={EVAL_SEED})`), stop at
-`<|im_end|>`, last `\\boxed{{}}` integer compared with the ground truth; math-verify column: the same
-completions graded by math-verify.
+`<|im_end|>`, last `\\boxed{{}}` integer compared with the ground truth; math-verify: the same
+completions graded by math-verify; well-formed: `<think>\\n...\\n</think>\\n\\nThe answer is
+\\boxed{{N}}.<|im_end|>` exactly.
 
 Built by `python scripts/build_demo_models.py` (seed {SEED}; tokenizer data seed {TOKENIZER_SEED},
 training data seed {TRAIN_SEED}) in {seconds / 60:.1f} minutes on {torch.get_num_threads()} CPU thread(s), fp32, torch
@@ -283,15 +290,18 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     for name, spec in (("teacher", TEACHER), ("student", STUDENT)):
         print(f"{name}:", end=" ")
-        model, acc, acc_mv, _ = build_model(spec, tok, examples, eval_rows, args.device)
-        results[name] = (spec, model.num_parameters(), acc, acc_mv)
+        model, score = build_model(spec, tok, examples, eval_rows, args.device)
+        results[name] = (spec, model.num_parameters(), score)
         save(model, tok, out / name)
     seconds = time.time() - t0
     write_readme(out, tok, results, seconds)
-    for name, (_, params, acc, acc_mv) in results.items():
-        print(f"{name}: {params:,} parameters, held-out accuracy {acc:.1%} (math-verify {acc_mv:.1%})")
+    for name, (_, params, s) in results.items():
+        print(f"{name}: {params:,} parameters, held-out accuracy {s.accuracy:.1%} (math-verify {s.math_verify:.1%})")
     print(f"done in {seconds / 60:.1f} minutes; wrote {out}")
-
+    teacher, student = results["teacher"][2].accuracy, results["student"][2].accuracy
+    if teacher < TEACHER_MIN or not STUDENT_RANGE[0] <= student <= STUDENT_RANGE[1]:
+        raise SystemExit(f"targets missed: teacher {teacher:.1%} (want >= {TEACHER_MIN:.0%}), student "
+                         f"{student:.1%} (want {STUDENT_RANGE[0]:.0%}-{STUDENT_RANGE[1]:.0%}); change TEACHER/STUDENT")
 
 if __name__ == "__main__":
     main()

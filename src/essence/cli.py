@@ -86,11 +86,9 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from essence.report import build_report, wide_console
 
-    from essence.report import build_report
-
-    build_report(args.runs, args.out, args.baseline, console=Console())
+    build_report(args.runs, args.out, args.baseline, console=wide_console())
     print(f"wrote report.md, report.json and plots to {args.out or args.runs}")
     return 0
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import resource
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -53,15 +54,33 @@ def flop_model(model: torch.nn.Module) -> FlopModel:
     return FlopModel(params=params, layers=config.num_hidden_layers, attn_dim=heads * head_dim)
 
 
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+
 def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA stats on GPU; on Linux CPUs, the kernel's RSS high-water mark.
+
+    Without the reset, runs sharing one process (a sweep, the demo) would all report the
+    largest peak seen so far.
+    """
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    elif _CLEAR_REFS.exists():
+        try:
+            _CLEAR_REFS.write_text("5")  # "5" resets VmHWM to the current RSS
+        except OSError:
+            pass  # not permitted: fall back to the process-lifetime peak
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """CUDA max allocated on GPU; the process's peak resident set size on CPU."""
+    """CUDA max allocated on GPU; peak resident set size on CPU (since the last reset on Linux)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    if _STATUS.exists():
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 

@@ -65,9 +65,7 @@ def evaluate_reference(name: str, model: str, heldout: Path, runs: Path, seed: i
 
 def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seed: int = 0) -> list[dict]:
     """Run the demo into `out`; re-running skips what is complete. Returns the report rows."""
-    from rich.console import Console
-
-    from essence.report import build_report
+    from essence.report import build_report, wide_console
     from essence.sweep import run_sweep
 
     size = QUICK if quick else FULL
@@ -80,7 +78,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seed: int = 
     overrides = [f"data.source={train_path}", f"eval.benches=[{heldout}]",
                  f"train.seed={seed}", f"train.epochs={size['epochs']}"]
     run_sweep(DEMO_CONFIG, [f"data.truncation.lsp={size['lsp']}"], runs, overrides)
-    rows = build_report(runs, out, console=Console())
+    rows = build_report(runs, out, console=wide_console())
     print(f"essence demo: finished in {time.perf_counter() - started:.0f} s; "
           f"report in {out / 'report.md'}")
     return rows

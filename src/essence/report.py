@@ -21,6 +21,12 @@ COLUMNS = ("run", "truncation", "lsp", "accuracy", "retention_pct", "student_tok
            "flops_saving_pct", "time_saving_pct", "memory_saving_pct")
 
 
+HEADERS = {"run": "run", "truncation": "trunc", "lsp": "LSP", "accuracy": "acc",
+           "retention_pct": "retain", "student_tokens": "tokens", "total_flops": "FLOPs",
+           "wall_time_s": "time", "peak_memory_bytes": "memory", "token_saving_pct": "-tok",
+           "flops_saving_pct": "-FLOPs", "time_saving_pct": "-time", "memory_saving_pct": "-mem"}
+
+
 def accuracy_of(summary: dict) -> float | None:
     """Mean pass@1 over the run's evaluated benchmarks (None when it was not evaluated)."""
     results = summary.get("eval") or {}
@@ -139,6 +145,14 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     return written
 
 
+def wide_console():
+    """A console at least 150 columns wide, so the report table is not squeezed in logs."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.width >= 150 else Console(width=150)
+
+
 def build_report(runs_dir: str | Path, out: str | Path | None = None,
                  baseline: str | None = None, console=None) -> list[dict]:
     """Write report.md, report.json and the plots; print the table; return the rows."""
@@ -152,9 +166,9 @@ def build_report(runs_dir: str | Path, out: str | Path | None = None,
     if console is not None:
         from rich.table import Table
 
-        table = Table(title=f"trade-off report: {runs_dir}")
+        table = Table(title=f"trade-off report: {runs_dir} (savings against the full-sequence run)")
         for column in COLUMNS:
-            table.add_column(column.replace("_", " "), justify="left" if column == "run" else "right")
+            table.add_column(HEADERS[column], justify="left" if column == "run" else "right")
         for row in rows:
             table.add_row(*(_fmt(c, row.get(c)) for c in COLUMNS))
         console.print(table)
