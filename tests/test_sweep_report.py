@@ -4,7 +4,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from essence import sweep as sweep_module
 from essence.errors import EssenceError
 from essence.report import build_report, collect
 from essence.sweep import parse_grid, point_status, run_sweep
