@@ -160,7 +160,7 @@ def trace(tokenizer, length: int | None = None, cot_repeats: int = 1):
         cot_repeats += 1
         rendered = rendered_with(cot_repeats)
     s = rendered.spans
-    clip = lambda span: (min(span[0], length), min(span[1], length))  # noqa: E731
+    clip = lambda span: (min(span[0], length), min(span[1], length))
     think_end = s.think_end if s.think_end is not None and s.think_end <= length else None
     spans = Spans(clip(s.prompt), clip(s.cot), clip(s.answer), think_end)
     return replace(rendered, input_ids=rendered.input_ids[:length], spans=spans), spans
@@ -229,7 +229,7 @@ class EssenceStep:
 def status_kib(field: str) -> int:
     """A memory figure of this process from /proc/self/status (VmRSS, VmHWM, ...), in KiB."""
     with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE).group(1))
 
 
 class Meter:

@@ -10,7 +10,7 @@
 #   SMALL=1 bash bench/gpu_check.sh      # tiny models and short sequences on the CPU: checks the script
 #
 # Environment:
-#   OUT           where results go (default bench/out): throughput.{txt,json}, lsp_scaling.{txt,json}
+#   OUT           where results go (default $TMPDIR/essence-gpu-check): throughput.{txt,json}, lsp_scaling.{txt,json}
 #   PYTHON        the interpreter (default python3); it must have torch (CUDA build), transformers,
 #                 accelerate and PyYAML. essence itself is installed from this checkout (pip
 #                 install -e . --no-deps) or, failing that, put on PYTHONPATH.
@@ -22,7 +22,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
-OUT=${OUT:-bench/out}
+OUT=${OUT:-${TMPDIR:-/tmp}/essence-gpu-check}
 REPEATS=${REPEATS:-2}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRL_EXPERIMENTAL_SILENCE=1
@@ -72,7 +72,7 @@ if ! "$PY" -c "import trl.experimental.gkd" 2>/dev/null; then
 fi
 
 if [ "${SMALL:-0}" = 1 ]; then
-  MODELS=(--models random --student tiny-student --teacher tiny-teacher --device cpu --dtype float32)
+  MODELS=(--models random --student tiny-student --teacher tiny-teacher --device cpu --dtype float32 --threads 1)
   SEQ=256; LENGTHS=512
 else
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \

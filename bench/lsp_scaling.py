@@ -30,7 +30,17 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import EssenceStep, Meter, add_common_args, environment, example, gib, load_models, median, trace  # noqa: E402
+from common import (
+    EssenceStep,
+    Meter,
+    add_common_args,
+    environment,
+    example,
+    gib,
+    load_models,
+    median,
+    trace,
+)
 
 LSPS = (1.0, 0.75, 0.5, 0.25)
 
@@ -105,7 +115,7 @@ def measure(args: argparse.Namespace) -> tuple[dict[float, dict], list[int]]:
 
 def print_table(results: dict[float, dict]) -> dict[float, dict]:
     base = results.get(1.0) or next(iter(results.values()))
-    ratio = lambda r, key: r[key] / base[key] if base[key] else float("nan")  # noqa: E731
+    ratio = lambda r, key: r[key] / base[key] if base[key] else float("nan")
     print(f"{'LSP':>5} {'tokens':>7} {'s/step':>8} {'×':>5} {'TFLOPs':>8} {'×':>5} {'step GiB':>9} {'×':>5} "
           f"{'peak GiB':>9} {'×':>5} {'total GiB':>10} {'×':>5}")
     ratios = {}

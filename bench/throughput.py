@@ -39,9 +39,19 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    EssenceStep, Meter, add_common_args, environment, example, forward_worker_args, gib, load_models,
-    median, report, run_worker, trace,
+from common import (
+    EssenceStep,
+    Meter,
+    add_common_args,
+    environment,
+    example,
+    forward_worker_args,
+    gib,
+    load_models,
+    median,
+    report,
+    run_worker,
+    trace,
 )
 
 VARIANTS = ("essence", "trl_gkd", "nll")

@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import BENCHMARKS, RECORDS
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
