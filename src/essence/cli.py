@@ -153,7 +153,7 @@ def _data_parsers(sub) -> None:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--min-steps", type=int, default=2)
     synth.add_argument("--max-steps", type=int, default=4)
-    synth.add_argument("--digits", type=int, default=2)
+    synth.add_argument("--digits", type=int, default=1, help="digits per quantity")
     synth.add_argument("--out", required=True)
     synth.set_defaults(func=_data_synth)
 

@@ -16,8 +16,10 @@ from essence.io import write_json_atomic
 from essence.loading import resolve
 
 DEMO_CONFIG = "essence:demo.yaml"
-FULL = {"train": 2000, "heldout": 200, "lsp": "1.0,0.75,0.5,0.25", "epochs": 1}
+FULL = {"train": 4000, "heldout": 200, "lsp": "1.0,0.75,0.5,0.25", "epochs": 1}
 QUICK = {"train": 400, "heldout": 40, "lsp": "1.0,0.5", "epochs": 1}
+# Beyond the paper: the answer-preserving variant at the same CoT budget as LSP 0.5.
+EXTRA_GRID = "data.truncation.cot_lead=0.5"
 
 
 def _with_instruction(problem: str) -> str:
@@ -68,6 +70,9 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seed: int = 
     from essence.report import build_report, wide_console
     from essence.sweep import run_sweep
 
+    import torch
+
+    torch.set_num_threads(1)  # the demo models are tiny: one thread is faster than two
     size = QUICK if quick else FULL
     out = Path(out)
     started = time.perf_counter()
@@ -78,6 +83,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seed: int = 
     overrides = [f"data.source={train_path}", f"eval.benches=[{heldout}]",
                  f"train.seed={seed}", f"train.epochs={size['epochs']}"]
     run_sweep(DEMO_CONFIG, [f"data.truncation.lsp={size['lsp']}"], runs, overrides)
+    run_sweep(DEMO_CONFIG, [EXTRA_GRID], runs, overrides)
     rows = build_report(runs, out, console=wide_console())
     print(f"essence demo: finished in {time.perf_counter() - started:.0f} s; "
           f"report in {out / 'report.md'}")

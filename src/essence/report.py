@@ -69,6 +69,8 @@ def collect(runs_dir: Path, baseline: str | None = None) -> list[dict]:
     if not rows:
         raise EssenceError(f"no run under {runs_dir} has a summary.json yet")
     base = _baseline(rows, baseline)
+    # Trained runs first (longest LSP first), then reference rows such as the base student.
+    rows.sort(key=lambda r: (not r["trained"], r["lsp"] is None, -(r["lsp"] or 0), r["run"]))
     for row in rows:
         trained = row.pop("trained")
         acc, base_acc = row["accuracy"], base["accuracy"] if base else None
@@ -76,7 +78,6 @@ def collect(runs_dir: Path, baseline: str | None = None) -> list[dict]:
         for key, name in (("student_tokens", "token"), ("total_flops", "flops"),
                           ("wall_time_s", "time"), ("peak_memory_bytes", "memory")):
             row[f"{name}_saving_pct"] = _saving(row[key], base[key]) if base and trained else None
-    rows.sort(key=lambda r: (r["lsp"] is None, -(r["lsp"] or 0), r["run"]))
     return rows
 
 
