@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=2560, help="student hidden size")
     parser.add_argument("--teacher-hidden", type=int, default=None,
                         help="teacher hidden size (default: --hidden)")
-    parser.add_argument("--chunk", type=int, default=1024, help="tokens per chunk of the chunked loss")
+    parser.add_argument("--chunk", type=int, default=256, help="tokens per chunk of the chunked loss")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="of the hidden states and heads (the loss computes in fp32 either way)")

@@ -57,8 +57,9 @@ class LossConfig:
     """Softmax temperature τ of both models in the KD term (result scaled by τ²)."""
     params: dict[str, float] = field(default_factory=dict)
     """Divergence parameters: forward_ratio (combined_kl), beta (js), alpha (skew_*)."""
-    chunk_size: int = 1024
-    """Tokens per chunk of the fused LM-head + loss (memory is O(chunk × vocab))."""
+    chunk_size: int = 256
+    """Tokens per chunk of the fused LM-head + loss (memory is O(chunk × vocab)). At vocab 152k,
+    256 keeps the loss's added memory near 1/9 of a naive loss at no time cost on CPU."""
 
 
 @dataclass(frozen=True)
