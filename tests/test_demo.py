@@ -32,3 +32,10 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "lsp-0.5: complete" in out and "base-student already evaluated" in out
     assert json.loads((tmp_path / "report.json").read_text()) == json.loads(before)
+
+    # Deterministic for a seed: a fresh run elsewhere measures the same tokens and accuracy.
+    assert main(["demo", "--quick", "--out", str(tmp_path / "again")]) == 0
+    again = {r["run"]: r for r in json.loads((tmp_path / "again" / "report.json").read_text())}
+    for name, row in rows.items():
+        assert (again[name]["accuracy"], again[name]["student_tokens"], again[name]["total_flops"]) \
+            == (row["accuracy"], row["student_tokens"], row["total_flops"]), name
