@@ -26,6 +26,10 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import status_kib  # noqa: E402
 
 VARIANTS = ("naive", "chunked", "chunked+weights")
 GIB = 1024**3
@@ -50,12 +54,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.tokens, args.vocab, args.hidden, args.chunk = 512, 16384, 256, 128
     args.teacher_hidden = args.teacher_hidden or args.hidden
     return args
-
-
-def status_kib(field: str) -> int:
-    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM, ...), in KiB."""
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
 
 
 def limit_address_space() -> None:
