@@ -108,7 +108,3 @@ class Ledger:
         self.student_flops += student.train(lengths)
         if teacher is not None:
             self.teacher_flops += teacher.forward(lengths)
-
-    def merge(self, other: "Ledger") -> None:
-        for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))

@@ -23,7 +23,7 @@ from essence.checkpoint import (
 )
 from essence.compute import Ledger, peak_memory_bytes, reset_peak_memory
 from essence.config import Config, save_config
-from essence.data.batching import Batch, Example, collate, padding_fraction, plan_batches
+from essence.data.batching import Batch, Example, collate, plan_batches
 from essence.data.pipeline import prepare, to_example
 from essence.data.truncation import TruncationConfig, truncate
 from essence.errors import EssenceError
@@ -103,7 +103,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.step, self.elapsed = state["step"], state["elapsed"]
-        self.ledger = Ledger(**state["ledger"])
+        # The checkpoint holds the all-process totals: the main process carries them on.
+        self.ledger = Ledger(**state["ledger"]) if self.is_main else Ledger()
         self.last_train_loss, self.last_val_loss = state["train_loss"], state["val_loss"]
         if self.is_main:
             print(f"essence: resumed from {checkpoint} at step {self.step}/{self.total_steps}")
@@ -192,12 +193,18 @@ class Trainer:
         self.step_module.train()
         return self._reduce([total])[0]
 
+    def global_ledger(self) -> Ledger:
+        """The ledger summed over all processes (every process must call this)."""
+        fields = asdict(self.ledger)
+        return Ledger(**dict(zip(fields, self._reduce(list(fields.values())))))
+
     def save(self) -> None:
         """Checkpoint the student, optimizer, scheduler, RNG and position (main process)."""
         self.accelerator.wait_for_everyone()
+        totals = self.global_ledger()
         if self.is_main:
             state = {
-                "step": self.step, "elapsed": self.elapsed, "ledger": asdict(self.ledger),
+                "step": self.step, "elapsed": self.elapsed, "ledger": asdict(totals),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "rng": rng_state(), "train_loss": self.last_train_loss,
                 "val_loss": self.last_val_loss,
@@ -239,17 +246,17 @@ class Trainer:
         return self.summary()
 
     def summary(self) -> dict:
-        totals = Ledger(**dict(zip(asdict(self.ledger), self._reduce(list(asdict(self.ledger).values())))))
+        totals = self.global_ledger()
         device = self.accelerator.device
-        peak = max(self._reduce_max(peak_memory_bytes(device)), 0)
+        peak = self._reduce_max(peak_memory_bytes(device))
         steps = max(self.step, 1)
         return {
             "run": str(self.run_dir), "steps": self.step, "epochs": self.step / self.steps_per_epoch,
             "processes": self.world, "truncation": self.config.data.truncation.label(),
             "train_records": len(self.train_set), "val_records": len(self.val_set),
             "student_tokens": int(totals.student_tokens), "padding_tokens": int(totals.padding_tokens),
-            "padding_fraction": padding_fraction(self.lengths, plan_batches(
-                self.lengths, self.config.train.batch_size, seed=self.config.train.seed, epoch=0)),
+            "padding_fraction": totals.padding_tokens
+            / max(totals.student_tokens + totals.padding_tokens, 1),
             "nll_tokens": int(totals.nll_tokens), "kd_tokens": int(totals.kd_tokens),
             "sequences": int(totals.sequences),
             "student_flops": totals.student_flops, "teacher_flops": totals.teacher_flops,
@@ -266,8 +273,7 @@ class Trainer:
 
     def _reduce_max(self, value: int) -> int:
         tensor = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
-        return int(self.accelerator.reduce(tensor, reduction="max" if self.world > 1 else "sum")
-                   .item()) if self.world > 1 else value
+        return int(self.accelerator.reduce(tensor, reduction="max").item())
 
 
 class _null:
