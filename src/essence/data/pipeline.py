@@ -74,8 +74,12 @@ def render_records(
     records: list[Record], tokenizer, config: DataConfig, source: str
 ) -> tuple[list[Rendered], list[Skipped]]:
     """Render every record; over-long ones are bad input handled per on_error."""
+    from tqdm.auto import tqdm
+
     rendered, skipped = [], []
-    for index, record in enumerate(records):
+    # Real datasets take a while to tokenize; tiny ones should stay quiet.
+    progress = tqdm(records, desc="render", unit="rec", disable=len(records) < 2000)
+    for index, record in enumerate(progress):
         item = render(record, tokenizer, config.chat_template)
         n = len(item.input_ids)
         if config.max_length is not None and n > config.max_length:
