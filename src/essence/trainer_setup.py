@@ -40,6 +40,9 @@ def make_accelerator(config: TrainConfig):
     # cpu=True lets several CPU processes (torchrun / accelerate launch) form a gloo group.
     accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
     set_seed(config.seed, deterministic=not torch.cuda.is_available())
+    # Deterministic kernels, but without filling every new tensor (a pure cost in our loop,
+    # which never reads memory it did not write).
+    torch.utils.deterministic.fill_uninitialized_memory = False
     return accelerator
 
 
