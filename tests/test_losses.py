@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from essence.losses import DIVERGENCES, distill_loss_sums, divergence, naive_distill_loss_sums
+from essence.fused_loss import distill_loss_sums, naive_distill_loss_sums
+from essence.losses import DIVERGENCES, divergence
 
 # Every kind with its default parameters, plus non-default and boundary parameters.
 CASES = [(kind, {}) for kind in DIVERGENCES] + [

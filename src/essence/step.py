@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from essence.config import LossConfig
-from essence.losses import distill_loss_sums
+from essence.fused_loss import distill_loss_sums
 from essence.teacher import TeacherOutput
 
 

@@ -1,6 +1,6 @@
 """The frozen teacher behind a small interface: kept tokens in, final hidden states out.
 
-The loss applies the teacher's LM head chunk by chunk (see essence.losses), so the
+The loss applies the teacher's LM head chunk by chunk (see essence.fused_loss), so the
 interface hands over hidden states plus the head weight instead of full logits. A cached
 teacher (precomputed top-k logits) can implement the same two members later without the
 training loop changing.
