@@ -49,17 +49,15 @@ def write_data(out: Path, n_train: int, n_heldout: int, seed: int) -> tuple[Path
 def evaluate_reference(name: str, model: str, heldout: Path, runs: Path, seed: int) -> None:
     """Evaluate an untrained model once; its run folder holds only the eval block."""
     from essence.config import load_config
-    from essence.eval.run import evaluate
+    from essence.eval.run import evaluate_with
 
     run_dir = runs / name
     if (run_dir / "summary.json").is_file():
         print(f"essence demo: {name} already evaluated")
         return
-    e = load_config(DEMO_CONFIG).eval
     started = time.perf_counter()
-    result = evaluate(resolve(model), [str(heldout)], out_dir=run_dir / "eval", n=e.n,
-                      max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
-                      seed=seed, batch_size=e.batch_size, instruction=e.instruction or None)
+    result = evaluate_with(load_config(DEMO_CONFIG).eval, resolve(model), [str(heldout)],
+                           run_dir / "eval", seed=seed)
     summary = {"run": name, "model": model, "truncation": "-", "eval": result,
                "eval_time_s": time.perf_counter() - started}
     write_json_atomic(run_dir / "summary.json", summary)

@@ -124,6 +124,12 @@ class Trainer:
         tensor = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
         return self.accelerator.reduce(tensor, reduction="sum").tolist()
 
+    def teacher_output(self, batch: Batch):
+        """The teacher's targets for a batch, or None when the loss has no KD term."""
+        if self.models.teacher is None or self.config.loss.kd_ratio == 0:
+            return None
+        return self.models.teacher(batch.input_ids, batch.attention_mask)
+
     def optimizer_step(self, batches: list[Batch]) -> dict:
         """One optimizer step over this process's micro-batches; returns its metrics."""
         n_nll, n_kd = (int(v) for v in self._reduce(list(step_token_counts(batches))))
@@ -137,8 +143,7 @@ class Trainer:
         sums = torch.zeros(2, dtype=torch.float64)
         for i, batch in enumerate(batches):
             batch = batch.to(self.accelerator.device)
-            teacher = self.models.teacher(batch.input_ids, batch.attention_mask) \
-                if self.models.teacher is not None and kd_ratio > 0 else None
+            teacher = self.teacher_output(batch)
             sync = i == len(batches) - 1
             with self.accelerator.no_sync(self.step_module) if not sync else _null():
                 out = self.step_module(batch.input_ids, batch.attention_mask, batch.nll_mask,
@@ -181,15 +186,13 @@ class Trainer:
         batches = [collate(mine[i:i + self.config.train.batch_size], pad_id)
                    for i in range(0, len(mine), self.config.train.batch_size)]
         n_nll, n_kd = self._reduce(list(step_token_counts(batches)))
+        weights = loss_weights(int(n_nll), int(n_kd), self.config.loss.kd_ratio)
         total = 0.0
-        kd_ratio = self.config.loss.kd_ratio
         for batch in batches:
             batch = batch.to(self.accelerator.device)
-            teacher = self.models.teacher(batch.input_ids, batch.attention_mask) \
-                if self.models.teacher is not None and kd_ratio > 0 else None
             out = self.step_module(batch.input_ids, batch.attention_mask, batch.nll_mask,
-                                   batch.kd_mask, teacher)
-            total += float(combine(out, loss_weights(int(n_nll), int(n_kd), kd_ratio)))
+                                   batch.kd_mask, self.teacher_output(batch))
+            total += float(combine(out, weights))
         self.step_module.train()
         return self._reduce([total])[0]
 
@@ -300,14 +303,11 @@ def train(config: Config, out_dir: str | Path, resume: bool = False) -> dict:
         save_config(config, run_dir / "config.yaml")
     summary = trainer.run()
     if trainer.is_main and config.eval.benches:
-        from essence.eval.run import evaluate
+        from essence.eval.run import evaluate_with
 
-        e = config.eval
-        summary["eval"] = evaluate(
-            str(run_dir / "model"), list(e.benches), out_dir=run_dir / "eval", n=e.n,
-            max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
-            limit=e.limit, batch_size=e.batch_size, backend=e.backend, seed=config.train.seed,
-            chat_template=config.data.chat_template, instruction=e.instruction or None,
+        summary["eval"] = evaluate_with(
+            config.eval, str(run_dir / "model"), list(config.eval.benches), run_dir / "eval",
+            seed=config.train.seed, chat_template=config.data.chat_template,
         )
     if trainer.is_main:
         write_json_atomic(run_dir / "summary.json", summary)

@@ -208,3 +208,14 @@ def _check_model_path(name: str) -> None:
 def _path_or_none(tokenizer: Any) -> str | None:
     path = getattr(tokenizer, "name_or_path", None)
     return path if path and Path(path).exists() else None
+
+
+def evaluate_with(settings, model: Any, benches: list[str], out_dir: str | Path, *, seed: int,
+                  chat_template: str | None = None) -> dict[str, Any]:
+    """`evaluate` with the sampling settings of a config's `eval:` block (an EvalConfig)."""
+    return evaluate(
+        model, benches, out_dir=out_dir, n=settings.n, max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature, top_p=settings.top_p, limit=settings.limit,
+        batch_size=settings.batch_size, backend=settings.backend, seed=seed,
+        chat_template=chat_template, instruction=settings.instruction or None,
+    )
