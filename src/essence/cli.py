@@ -13,7 +13,9 @@ def _data_config(args: argparse.Namespace, **truncation):
     from essence.data.pipeline import DataConfig
     from essence.data.truncation import TruncationConfig
 
-    field_map = dict(pair.split("=", 1) for pair in args.field_map.split(",")) if args.field_map else {}
+    from essence.eval.command import parse_field_map
+
+    field_map = parse_field_map(args.field_map) or {}
     return DataConfig(
         source=args.data, config=args.config, split=args.split, field_map=field_map,
         limit=args.limit, on_error=args.on_error, chat_template=args.chat_template,
