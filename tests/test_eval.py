@@ -142,8 +142,26 @@ def test_summary_scores_come_from_grading_the_responses(
     assert entry["truncated_frac"] == pytest.approx(4 / 6)
     details = read_details(tmp_path)
     assert details[0]["correct"] == [True, False] and details[0]["extracted"] == ["11", "12"]
-    assert details[1]["extracted"] == ["0.75", "\\dfrac{3}{4}"]
+    assert details[1]["extracted"] == ["0.75", "\\frac{3}{4}"]  # as math-verify normalizes it
     assert details[2]["correct"] == [False, True]
+    # MATH-500's per-subject and per-level breakdown
+    assert entry["by_subject"] == {"Algebra": {"num_problems": 1, "pass@1": 0.5},
+                                   "Prealgebra": {"num_problems": 2, "pass@1": 0.75}}
+    assert entry["by_level"] == {"1": {"num_problems": 3, "pass@1": pytest.approx(2 / 3)}}
+
+
+def test_breakdown_only_when_every_problem_has_the_column() -> None:
+    from essence.eval.results import summarize
+
+    line = {"correct": [True], "num_tokens": [3], "responses": ["x"], "truncated": [False],
+            "grading_errors": [None]}
+    lines = [dict(line, meta={"level": 2}), dict(line, correct=[False], meta={"level": 5}),
+             dict(line, meta={"subject": "Algebra", "level": 5})]
+    summary = summarize(lines, benchmark="b", model="m", seconds=1.0)
+    assert "by_subject" not in summary
+    assert summary["by_level"] == {"2": {"num_problems": 1, "pass@1": 1.0},
+                                   "5": {"num_problems": 2, "pass@1": 0.5}}
+    assert "by_level" not in summarize([dict(line, meta={})], benchmark="b", model="m", seconds=1)
 
 
 # ---------------------------------------------------------------- generation

@@ -68,8 +68,10 @@ def test_different_answers_are_wrong(response: str, gold: str) -> None:
 
 
 def test_the_last_boxed_answer_wins() -> None:
-    assert grade("first \\boxed{3}, then corrected: \\boxed{4}", "4")
-    assert not grade("first \\boxed{4}, then corrected: \\boxed{3}", "4")
+    assert grade("first \\boxed{3}. Then corrected: \\boxed{4}", "4")
+    assert not grade("first \\boxed{4}. Then corrected: \\boxed{3}", "4")
+    # math-verify joins boxes separated only by a comma or "and" into one set
+    assert grade("first \\boxed{3}, then corrected: \\boxed{4}", "3, 4")
     assert last_boxed("\\boxed{1} and \\boxed{\\frac{a}{b}}") == "\\frac{a}{b}"
     assert last_boxed("\\boxed{2} then an unclosed \\boxed{3") == "2"
 
@@ -92,8 +94,10 @@ def test_an_unclosed_think_block_is_graded_as_a_whole() -> None:
 
 
 def test_extraction_fallbacks_in_order() -> None:
-    assert extract_answer("#### 26\nthe answer is 3") == "26"  # #### beats "the answer is"
-    assert extract_answer("\\boxed{7}\n#### 26") == "7"  # a box beats ####
+    # math-verify's priorities: "final answer is … I hope", then boxes and "final answer … is",
+    # then "answer …" anchors, then any expression or number (the rightmost wins within one).
+    assert extract_answer("#### 26\nthe answer is 3") == "3"  # an anchor beats a bare number
+    assert extract_answer("\\boxed{7}\n#### 26") == "7"  # a box beats a bare number
     assert extract_answer("The answer is \\(x+1\\).") == "x+1"
     assert extract_answer("no answer here") is None
     assert extract_answer("\\boxed{  }") is None  # an empty box states nothing

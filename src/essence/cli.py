@@ -20,6 +20,7 @@ def _data_config(args: argparse.Namespace, **truncation):
         source=args.data, config=args.config, split=args.split, field_map=field_map,
         limit=args.limit, on_error=args.on_error, chat_template=args.chat_template,
         max_length=args.max_length, truncation=TruncationConfig(**truncation),
+        system_prompt=args.system_prompt,
     )
 
 
@@ -31,8 +32,9 @@ def _data_profile(args: argparse.Namespace) -> int:
     from essence.loading import load_tokenizer
 
     truncations = [TruncationConfig(lsp=x) for x in args.lsp]
+    positions = args.window_position or ["left"]  # no --window-position: the paper's left half
     truncations += [TruncationConfig(window=args.window, window_position=p)
-                    for p in args.window_position] if args.window else []
+                    for p in positions] if args.window else []
     truncations += [TruncationConfig(max_tokens=k) for k in args.max_tokens]
     truncations += [TruncationConfig(cot_lead=x) for x in args.cot_lead]
     if args.cut_after_think:
@@ -76,14 +78,15 @@ def _train(args: argparse.Namespace) -> int:
     from essence.train import train
 
     config = load_config(args.config, args.overrides)
-    train(config, out_dir=args.out, resume=args.resume)
+    train(config, out_dir=args.out, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
     from essence.sweep import run_sweep
 
-    results = run_sweep(args.config, args.grid, args.out, args.overrides)
+    results = run_sweep(args.config, args.grid, args.out, args.overrides,
+                        overwrite=args.overwrite)
     return 1 if any(r.startswith("failed") for r in results.values()) else 0
 
 
@@ -115,12 +118,15 @@ def _add_data_source(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="hub dataset configuration")
     parser.add_argument("--split", default="train", help="hub dataset split")
     parser.add_argument("--field-map", default="", help="other columns: prompt=q,cot=r,answer=a")
-    parser.add_argument("--limit", type=int, default=None, help="read at most N records")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="the first N records that pass the filters (--max-length, bad rows)")
+    parser.add_argument("--system-prompt", default="keep",
+                        help="keep, drop, or a text that replaces each record's system prompt")
     parser.add_argument("--on-error", choices=("skip", "fail"), default="skip")
     parser.add_argument("--chat-template", default=None,
                         help="built-in name (chatml-think) or Jinja file; default: tokenizer's")
-    parser.add_argument("--max-length", type=int, default=None,
-                        help="records rendering longer than this are bad input")
+    parser.add_argument("--max-length", type=int, default=32768,
+                        help="records rendering longer than this are bad input (default 32768)")
 
 
 def _data_parsers(sub) -> None:
@@ -172,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
     train.add_argument("--out", required=True, help="run directory")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the results of another run in --out (deletes them)")
     train.set_defaults(func=_train)
 
     from essence.eval.command import add_parser as add_eval_parser
@@ -184,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--grid", action="append", default=[], required=True,
                        help="key=v1,v2,... (repeatable; the product of all grids is run)")
     sweep.add_argument("--out", required=True, help="folder holding one run directory per point")
+    sweep.add_argument("--overwrite", action="store_true",
+                       help="redo points whose directories hold runs made under other settings")
     sweep.set_defaults(func=_sweep)
 
     report = sub.add_parser("report", help="the accuracy / compute trade-off table and plots")
@@ -205,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--cache-dir", default=None, help="default: $ESSENCE_CACHE or ~/.cache/essence")
     fetch.add_argument("--force", action="store_true", help="fetch again even if cached")
     fetch.set_defaults(func=_models_fetch)
+
+    from essence.cache_build import add_parser as add_teacher_parser
+
+    add_teacher_parser(sub)
     return parser
 
 

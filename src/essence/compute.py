@@ -1,16 +1,22 @@
 """Compute accounting: FLOPs per sequence, peak memory, and the run's cost summary.
 
-FLOPs formula (model FLOPs, the convention of Kaplan et al. and PaLM):
+FLOPs formula (model FLOPs: 2 FLOPs per multiply-accumulate, as in Kaplan et al.; the
+attention term is PaLM's convention, Chowdhery et al. 2022, appendix B):
 
-    forward(T) = 2 · P · T  +  4 · L · d_attn · T²
-    training   = 3 · forward   (the backward pass costs about twice the forward)
+    forward(T, R) = 2 · P_body · T  +  2 · V · d · R  +  4 · L · d_attn · T²
+    training      = 3 · forward      (the backward pass costs about twice the forward)
 
-for one sequence of T tokens, where P counts every weight matrix a token passes through
-(all parameters except the input embedding, plus the LM head even when it is tied to the
-embedding), L is the number of layers and d_attn = heads × head_dim. The attention term
-counts the score and value products over the whole T × T square, as dense kernels do.
-Recomputation by gradient checkpointing is not counted: these are model FLOPs, not
-hardware FLOPs. Every processed token counts, supervised or not; padding does not.
+for one sequence of T tokens of which R rows go through the LM head, where P_body counts every
+weight matrix of the transformer body (all parameters except the input embedding and the LM
+head), V · d is the LM head as the loss uses it (the compared vocabulary V, hidden size d), L is
+the number of layers and d_attn = heads × head_dim. The attention term counts the score and
+value products over the whole T × T square, as dense kernels do.
+
+Accounting equals execution: the fused loss projects only the supervised rows through the
+student's head (R = NLL ∪ KD targets), the teacher's head sees only the KD rows, and a teacher
+that is not run (loss.kd_ratio = 0) is charged nothing. Recomputation by gradient
+checkpointing is not counted: these are model FLOPs, not hardware FLOPs. Every processed
+token counts in the body, supervised or not; padding does not.
 """
 
 from __future__ import annotations
@@ -28,30 +34,44 @@ class FlopModel:
     """The numbers the FLOPs formula needs from one model."""
 
     params: int
-    """P: parameters a token's forward pass multiplies by (see module docstring)."""
+    """P_body: body parameters a token's forward pass multiplies by (see module docstring)."""
+    head: int
+    """V · d: the LM-head weights one projected row multiplies by."""
     layers: int
     attn_dim: int
 
-    def forward(self, lengths: list[int] | torch.Tensor) -> float:
-        """Forward FLOPs of sequences with these lengths (padding excluded)."""
+    def forward(self, lengths: list[int] | torch.Tensor,
+                head_rows: list[int] | torch.Tensor | None = None) -> float:
+        """Forward FLOPs of sequences with these lengths (padding excluded), of which head_rows
+        rows per sequence go through the LM head (None: every token, as generation does)."""
         lengths = [int(n) for n in lengths]
-        return float(sum(2 * self.params * n + 4 * self.layers * self.attn_dim * n * n
-                         for n in lengths))
+        rows = lengths if head_rows is None else [int(r) for r in head_rows]
+        assert len(rows) == len(lengths), "one head-row count per sequence"
+        return float(sum(2 * self.params * n + 2 * self.head * r + 4 * self.layers * self.attn_dim * n * n
+                         for n, r in zip(lengths, rows)))
 
-    def train(self, lengths: list[int] | torch.Tensor) -> float:
-        return 3.0 * self.forward(lengths)
+    def train(self, lengths: list[int] | torch.Tensor,
+              head_rows: list[int] | torch.Tensor | None = None) -> float:
+        return 3.0 * self.forward(lengths, head_rows)
+
+    @property
+    def total_params(self) -> int:
+        """P_body + the LM head as used: what a full-vocabulary forward multiplies by."""
+        return self.params + self.head
 
 
-def flop_model(model: torch.nn.Module) -> FlopModel:
-    """Read P, L and d_attn off a transformers causal LM."""
+def flop_model(model: torch.nn.Module, vocab: int | None = None) -> FlopModel:
+    """Read P_body, V·d, L and d_attn off a transformers causal LM; vocab = the compared
+    vocabulary (the loss uses the head's first `vocab` rows; None: all of them)."""
     config = model.config
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
     params = sum(p.numel() for p in model.parameters() if p is not embed and p is not head)
-    params += head.numel()
+    width = head.shape[0] if vocab is None else min(vocab, head.shape[0])
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return FlopModel(params=params, layers=config.num_hidden_layers, attn_dim=heads * head_dim)
+    return FlopModel(params=params, head=width * head.shape[1], layers=config.num_hidden_layers,
+                     attn_dim=heads * head_dim)
 
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -96,15 +116,25 @@ class Ledger:
     student_flops: float = 0.0
     teacher_flops: float = 0.0
     sequences: int = 0
+    teacher_flops_cached: float = 0.0
+    """What the online teacher would have cost for the targets a teacher cache served (not run,
+    so not in teacher_flops; the cache's one-off pass is in its manifest)."""
 
-    def add(self, batch, student: FlopModel, teacher: FlopModel | None) -> None:
-        """Count one micro-batch (lengths from its attention mask)."""
+    def add(self, batch, student: FlopModel, teacher: FlopModel | None, cached: bool = False) -> None:
+        """Count one micro-batch (lengths from its attention mask). teacher: the model that ran
+        for this batch, or None when no teacher ran (then its KD targets are not trained);
+        cached: its targets were read from a cache instead."""
         lengths = batch.attention_mask.sum(dim=1).tolist()
+        real = batch.attention_mask[:, 1:].bool()
+        nll = batch.nll_mask[:, 1:] & real
+        kd = batch.kd_mask[:, 1:] & real if teacher is not None else torch.zeros_like(nll)
         self.sequences += len(lengths)
         self.student_tokens += int(sum(lengths))
         self.padding_tokens += batch.padding
-        self.nll_tokens += int((batch.nll_mask[:, 1:] & batch.attention_mask[:, 1:].bool()).sum())
-        self.kd_tokens += int((batch.kd_mask[:, 1:] & batch.attention_mask[:, 1:].bool()).sum())
-        self.student_flops += student.train(lengths)
-        if teacher is not None:
-            self.teacher_flops += teacher.forward(lengths)
+        self.nll_tokens += int(nll.sum())
+        self.kd_tokens += int(kd.sum())
+        self.student_flops += student.train(lengths, (nll | kd).sum(dim=1).tolist())
+        if teacher is not None and cached:
+            self.teacher_flops_cached += teacher.forward(lengths, kd.sum(dim=1).tolist())
+        elif teacher is not None:
+            self.teacher_flops += teacher.forward(lengths, kd.sum(dim=1).tolist())

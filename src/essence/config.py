@@ -19,6 +19,7 @@ import yaml
 
 from essence.data.pipeline import DataConfig
 from essence.errors import EssenceError
+from essence.fields import bounded, check_value
 from essence.eval.prompting import DEFAULT_INSTRUCTION
 from essence.losses import Divergence
 
@@ -41,6 +42,21 @@ class ModelConfig:
     """Student weight dtype: auto is float32 (bf16 autocast does the GPU speed-up)."""
     teacher_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Teacher weight dtype: auto is bfloat16 on GPU, float32 on CPU."""
+    teacher_cache: str | None = None
+    """Read the teacher's targets from this cache (essence teacher cache CONFIG --out DIR), or
+    from DIR/<fingerprint> as essence sweep builds them; the teacher is then never loaded or run."""
+    teacher_cache_k: int = bounded(64, ge=1)
+    """Top-k ids per position kept in (and read from) the cache; a cache built with a larger k
+    serves a smaller one exactly. Sampled mode: tokens drawn per position (≤ 255)."""
+    teacher_cache_mode: Literal["topk", "sampled"] = "topk"
+    """topk: top-k + tail bucket, every divergence; sampled: tokens drawn from the teacher, an
+    unbiased estimate of forward KL only (see essence.sparse_kd)."""
+    teacher_cache_dtype: Literal["float16", "float32"] = "float16"
+    """Storage of the cached log-probabilities (float32: exact, twice the bytes)."""
+    teacher_context: Literal["full", "kept"] = "kept"
+    """What the teacher saw for truncations that are not a lead span (window middle/right,
+    cot_lead): kept = only the kept tokens (online teacher); full = the whole sequence (a cache,
+    built once over whole sequences). Lead spans are the same either way."""
     gradient_checkpointing: bool = False
     """Recompute student activations in backward to save memory."""
 
@@ -49,15 +65,22 @@ class ModelConfig:
 class LossConfig:
     """The training objective (1-λ)·NLL + λ·KD."""
 
-    kd_ratio: float = 0.5
+    kd_ratio: float = bounded(0.5, ge=0, le=1)
     """λ: weight of the KD term (the paper uses 0.5); 0 is plain supervised fine-tuning."""
     divergence: Divergence = "forward_kl"
     """The KD divergence (see essence.losses)."""
-    temperature: float = 1.0
+    temperature: float = bounded(1.0, gt=0)
     """Softmax temperature τ of both models in the KD term (result scaled by τ²)."""
     params: dict[str, float] = field(default_factory=dict)
-    """Divergence parameters: forward_ratio (combined_kl), beta (js), alpha (skew_*)."""
-    chunk_size: int = 256
+    """Divergence parameters: forward_ratio (combined_kl), beta (js), alpha (skew_*),
+    log_scale (tvd: true compares log-probabilities, as the reference's option)."""
+    reduction: Literal["token", "sequence"] = "token"
+    """token: each term is summed over the step's targets and divided by their count (every
+    token weighs the same; batch-invariant). sequence: each term is the mean over each
+    sequence's own targets, then the mean over the step's sequences that have targets for
+    that term, as the reference's per-rank means at micro-batch 1 (every sequence weighs
+    the same)."""
+    chunk_size: int = bounded(256, ge=1)
     """Tokens per chunk of the fused LM-head + loss (memory is O(chunk × vocab)). At vocab 152k,
     256 keeps the loss's added memory near 1/9 of a naive loss at no time cost on CPU."""
 
@@ -66,40 +89,65 @@ class LossConfig:
 class TrainConfig:
     """The optimisation loop, checkpoints and logging."""
 
-    epochs: float = 1.0
+    epochs: float = bounded(1.0, gt=0)
     """Passes over the training set (fractional allowed)."""
-    max_steps: int | None = None
+    max_steps: int | None = bounded(None, ge=1)
     """Stop after this many optimizer steps (overrides epochs when smaller)."""
-    batch_size: int = 1
+    batch_size: int = bounded(1, ge=1)
     """Sequences per micro-batch per process."""
-    grad_accum: int = 1
+    grad_accum: int = bounded(1, ge=1)
     """Micro-batches per optimizer step."""
-    lr: float = 1e-5
+    lr: float = bounded(1e-5, gt=0)
     """Peak learning rate of AdamW."""
-    weight_decay: float = 0.0
+    weight_decay: float = bounded(0.0, ge=0)
     """AdamW weight decay."""
-    warmup_ratio: float = 0.03
+    warmup_ratio: float = bounded(0.03, ge=0, le=1)
     """Fraction of the steps spent warming the learning rate up linearly."""
-    min_lr_ratio: float = 0.0
-    """Cosine decay ends at lr × this."""
-    max_grad_norm: float | None = 1.0
+    min_lr_ratio: float = bounded(0.0, ge=0, le=1)
+    """Cosine decay ends at lr × this (schedule: cosine)."""
+    schedule: Literal["cosine", "one_cycle"] = "cosine"
+    """cosine: linear warmup to lr, cosine decay to lr × min_lr_ratio. one_cycle: torch's
+    OneCycleLR with its defaults, as the reference uses it (max_lr = lr, pct_start =
+    warmup_ratio): from lr/25 up to lr, cosine down to lr/(25·10⁴), and AdamW's β1 cycling
+    0.95 → 0.85 → 0.95 against the learning rate (betas[0] is then unused)."""
+    betas: tuple[float, ...] = bounded((0.9, 0.95), ge=0, lt=1)
+    """AdamW's (β1, β2); the reference uses torch's defaults (0.9, 0.999)."""
+    weight_decay_scope: Literal["matrices", "all"] = "matrices"
+    """matrices: decay only weight matrices (not biases and norm gains); all: every parameter,
+    as the reference does."""
+    expect_global_batch: int | None = bounded(None, ge=1)
+    """Warn at start when processes × batch_size × grad_accum differs from this (a replication
+    config pins the global batch of the recipe it reproduces); None: no check."""
+    max_grad_norm: float | None = bounded(1.0, gt=0)
     """Clip the gradient norm to this (None: no clipping)."""
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
-    """bf16 autocast: auto turns it on when a CUDA GPU is present."""
+    """bf16 autocast of the student's forward (the loss stays fp32): auto turns it on when a CUDA
+    GPU is present. fp16 is not offered: it needs loss scaling, and bf16 is the GPU path."""
     seed: int = 0
     """Seed of initialisation, data order and dropout."""
-    log_every: int = 1
+    log_every: int = bounded(1, ge=1)
     """Write a metrics line every this many optimizer steps."""
-    val_every: int | None = None
+    val_every: int | None = bounded(None, ge=1)
     """Validation loss every this many steps (None: only at the end, if there is a val set)."""
-    save_every: int | None = None
+    save_every: int | None = bounded(None, ge=1)
     """Checkpoint every this many steps (None: only at the end)."""
+    save_checkpoints: bool = True
+    """False: write no checkpoint and no final model, only metrics and the summary (benchmarks
+    of big models, where a save costs more than the steps measured)."""
     tracker: Literal["none", "tensorboard", "wandb"] = "none"
     """Also log to TensorBoard or W&B (when installed)."""
     progress: bool = True
     """Show a progress bar."""
-    cpu_threads: int | None = None
+    collective_timeout_s: float = bounded(1800.0, gt=0)
+    """How long a process waits in a collective (all-reduce, barrier) for the others before the
+    run fails; raise it when a checkpoint save on a slow disk takes longer."""
+    cpu_threads: int | None = bounded(None, ge=1)
     """torch CPU threads (None: torch's default). Tiny models run fastest on 1."""
+
+    def __post_init__(self) -> None:
+        if len(self.betas) != 2:
+            raise EssenceError(f"config train.betas={list(self.betas)} must be two numbers "
+                               "[β1, β2], e.g. [0.9, 0.999]")
 
 
 @dataclass(frozen=True)
@@ -108,17 +156,17 @@ class EvalConfig:
 
     benches: tuple[str, ...] = ()
     """Benchmarks (math500, aime24, aime25, gsm8k, or a file); empty: no evaluation."""
-    n: int = 1
+    n: int = bounded(1, ge=1)
     """Samples per problem."""
-    max_new_tokens: int = 1024
+    max_new_tokens: int = bounded(1024, ge=1)
     """Generation budget per sample."""
-    temperature: float = 0.6
+    temperature: float = bounded(0.6, ge=0)
     """Sampling temperature (0: greedy)."""
-    top_p: float = 0.95
+    top_p: float = bounded(0.95, gt=0, le=1)
     """Nucleus sampling threshold."""
-    limit: int | None = None
+    limit: int | None = bounded(None, ge=1)
     """Evaluate only the first N problems of each benchmark."""
-    batch_size: int = 8
+    batch_size: int = bounded(8, ge=1)
     """Prompts generated together."""
     backend: Literal["hf", "vllm"] = "hf"
     """Generation backend."""
@@ -135,6 +183,10 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+_YAML_FALSE = ("no", "off", "false", "n")
+_YAML_TRUE = ("yes", "on", "true", "y")
 
 
 def _type_name(kind: Any) -> str:
@@ -156,6 +208,10 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
                 errors.append(str(err))
         raise EssenceError(errors[0] if errors else f"{key}: bad value {value!r}")
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads no/off/yes/on as booleans
+            spelled = [c for c in typing.get_args(kind)
+                       if isinstance(c, str) and c in (_YAML_FALSE if not value else _YAML_TRUE)]
+            value = spelled[0] if spelled else value
         if value not in typing.get_args(kind):
             choices = ", ".join(str(c) for c in typing.get_args(kind))
             raise EssenceError(f"config {key}={value!r} is not one of: {choices}")
@@ -195,7 +251,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise EssenceError(f"config {prefix or 'root'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    specs = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(specs)
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
@@ -204,6 +261,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
             raise EssenceError(f"unknown config key {full!r}{hint} (valid: {', '.join(names)})")
         kwargs[key] = _coerce(value, hints[key], full)
+        check_value(full, kwargs[key], specs[key])
     return cls(**kwargs)
 
 
@@ -247,7 +305,55 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
-    return _build(Config, tree, "")
+    config = _build(Config, tree, "")
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Checks that span several fields, run at load so no model is built for a doomed run."""
+    from essence.losses import divergence_params
+
+    loss = config.loss
+    try:
+        divergence_params(loss.divergence, dict(loss.params))
+    except ValueError as err:
+        raise EssenceError(f"config loss.params={dict(loss.params)}: {err}") from None
+    m = config.model
+    if not (m.student or m.student_init):
+        raise EssenceError("config model.student is empty: set a path or hub id "
+                           "(or model.student_init for a random model)")
+    _validate_teacher_cache(config)
+    if config.eval.benches and not config.train.save_checkpoints:
+        raise EssenceError("config eval.benches evaluates the saved student, but "
+                           "train.save_checkpoints=false saves none; drop one of the two")
+    if loss.kd_ratio > 0 and not (m.teacher or m.teacher_init or m.teacher_cache):
+        raise EssenceError(f"config loss.kd_ratio={loss.kd_ratio} needs a teacher: set "
+                           "model.teacher, or loss.kd_ratio=0 for plain fine-tuning")
+
+
+def _validate_teacher_cache(config: Config) -> None:
+    """model.teacher_cache_* and model.teacher_context against the loss and the truncation."""
+    m, t = config.model, config.data.truncation
+    prefix = t.window is None or t.window_position == "left"
+    if t.cot_lead is not None:
+        prefix = False
+    cached = m.teacher_cache is not None
+    if not prefix and cached and m.teacher_context == "kept":
+        raise EssenceError(
+            f"config data.truncation ({t.label()}) keeps tokens that are not a lead span: a cached "
+            "teacher saw the whole sequence, an online one sees only the kept tokens. Set "
+            "model.teacher_context: full to train from the cache, or drop model.teacher_cache")
+    if not prefix and not cached and m.teacher_context == "full":
+        raise EssenceError("config model.teacher_context: full needs model.teacher_cache (the online "
+                           "teacher sees only the kept tokens); set it to kept, or set a cache")
+    if m.teacher_cache_mode == "sampled":
+        if config.loss.divergence != "forward_kl":
+            raise EssenceError(f"config model.teacher_cache_mode: sampled estimates forward_kl only, "
+                               f"not loss.divergence={config.loss.divergence}; use topk")
+        if m.teacher_cache_k > 255:
+            raise EssenceError(f"config model.teacher_cache_k={m.teacher_cache_k}: sampled mode "
+                               "stores counts in one byte; draw at most 255 tokens per position")
 
 
 def to_dict(config: Config) -> dict:
@@ -261,6 +367,55 @@ def to_dict(config: Config) -> dict:
         return value
 
     return plain(dataclasses.asdict(config))
+
+
+RESUMABLE_KEYS = ("train.max_steps", "train.epochs", "train.log_every", "train.val_every",
+                  "train.save_every", "train.save_checkpoints", "train.tracker", "train.progress",
+                  "train.collective_timeout_s", "eval")
+"""Keys that may differ between a run's saved config and a resume of it: when to stop, log,
+validate and save, and how to evaluate; nothing that changes what a step computes."""
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out if out or not prefix else {prefix: {}}
+    return {prefix: tree}
+
+
+def config_changes(saved: dict, config: Config, allowed: tuple[str, ...] = RESUMABLE_KEYS) -> list[str]:
+    """'key: old → new' for each setting that differs between a saved config (as written by
+    save_config) and `config`, leaving out the allowed keys (and their sub-keys). A key the saved
+    file lacks (written before the key existed) counts as its default."""
+    old, new = _flatten(saved), _flatten(to_dict(config))
+    default = _flatten(to_dict(Config()))
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        if any(key == a or key.startswith(a + ".") for a in allowed):
+            continue
+        before = old.get(key, default.get(key))
+        if before != new.get(key):
+            changes.append(f"{key}: {before!r} → {new.get(key)!r}")
+    return changes
+
+
+def check_unchanged(saved_path: Path, config: Config, what: str, fix: str) -> None:
+    """Refuse to continue `what` (a run or sweep point) under settings other than those it was
+    started with (read from saved_path), naming every differing key."""
+    if not saved_path.is_file():
+        return
+    try:
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise EssenceError(f"{saved_path} is unreadable ({err}); {fix}") from None
+    if not isinstance(saved, dict):
+        raise EssenceError(f"{saved_path} does not hold a config mapping; {fix}")
+    changes = config_changes(saved, config)
+    if changes:
+        raise EssenceError(f"{what} was started with other settings ({saved_path}): "
+                           f"{'; '.join(changes)}. {fix}")
 
 
 def save_config(config: Config, path: Path) -> None:

@@ -8,11 +8,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 from essence.data.synth import DEMO_INSTRUCTION, generate, write_jsonl
+from essence.errors import EssenceError
 from essence.io import write_json_atomic
+from essence.rundir import check_out_dir
 from essence.loading import resolve
 
 DEMO_CONFIG = "essence:demo.yaml"
@@ -20,6 +23,7 @@ FULL = {"train": 4000, "heldout": 200, "lsp": "1.0,0.75,0.5,0.25", "epochs": 1}
 QUICK = {"train": 400, "heldout": 40, "lsp": "1.0,0.5", "epochs": 1}
 # Beyond the paper: the answer-preserving variant at the same CoT budget as LSP 0.5.
 EXTRA_GRID = "data.truncation.cot_lead=0.5"
+DEMO_MARKER = "demo.json"  # the settings of the demo that owns a folder
 
 
 def _with_instruction(problem: str) -> str:
@@ -63,6 +67,32 @@ def evaluate_reference(name: str, model: str, heldout: Path, runs: Path, seed: i
     write_json_atomic(run_dir / "summary.json", summary)
 
 
+def claim_demo_dir(out: str | Path, settings: dict) -> Path:
+    """The demo's folder: new, or one an earlier demo with the same settings left (resumed).
+
+    A folder holding anything else, or a demo with other settings, is refused: re-running
+    would mix its results into another run's, or retrain over them.
+    """
+    out = check_out_dir(out)
+    marker = out / DEMO_MARKER
+    if marker.is_file():
+        try:
+            before = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            before = None
+        if before != settings:
+            raise EssenceError(f"{out} holds a demo run with other settings ({marker}: {before}); "
+                               "rerun with those settings to resume it, or choose another --out")
+        print(f"essence demo: resuming the demo in {out}")
+        return out
+    others = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    if others:
+        raise EssenceError(f"{out} is not empty ({', '.join(others[:5])}) and holds no demo; "
+                           "choose a new or empty --out")
+    write_json_atomic(marker, settings)
+    return out
+
+
 def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seed: int = 0) -> list[dict]:
     """Run the demo into `out`; re-running skips what is complete. Returns the report rows."""
     from essence.report import build_report, wide_console
@@ -72,7 +102,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seed: int = 
 
     torch.set_num_threads(1)  # the demo models are tiny: one thread is faster than two
     size = QUICK if quick else FULL
-    out = Path(out)
+    out = claim_demo_dir(out, {"quick": quick, "seed": seed, **size})
     started = time.perf_counter()
     train_path, heldout = write_data(out / "data", size["train"], size["heldout"], seed)
     runs = out / "runs"

@@ -20,7 +20,9 @@ function of ℓ with the teacher fixed. Since ℓ_k = b_k − logsumexp(b), ∂�
     js               m = β p_T + (1−β) p_S,  D = β KL(p_T‖m) + (1−β) KL(p_S‖m)
                      G = (1−β) p_S (ℓ − log m)     (the terms from ∂log m/∂ℓ cancel)
                      ∂D/∂b = (1−β) p_S (ℓ − log m − KL(p_S‖m))
+                     β = 0 is forward_kl and β = 1 reverse_kl (the reference's convention)
     tvd              D = ½ Σ |p_T − p_S|           G = ½ p_S sign(p_S − p_T)   (sign(0) = 0)
+    tvd, log_scale   D = ½ Σ |t − ℓ|               G = ½ sign(ℓ − t)
     skew_kl          m = α p_T + (1−α) p_S,  D = Σ p_T (t − log m)
                      G = −(1−α) p_T p_S / m
     skew_reverse_kl  m = α p_S + (1−α) p_T,  D = Σ p_S (ℓ − log m)
@@ -46,6 +48,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from essence.sparse_kd import (
+    SparseTargets, check_sparse, sparse_divergence, sparse_divergence_and_grad,
+)
 from essence.losses import (  # shared argument checks and helpers
     Divergence,
     IGNORE_INDEX,
@@ -84,12 +89,14 @@ def _divergence_and_grad(ls: Tensor, lt: Tensor, kind: str, p: dict[str, float])
     ls = log p_S, lt = log p_T: [rows, V] fp32. ls is read only; lt is scratch (overwritten),
     which saves a buffer. Returns value [rows] and gradient [rows, V]. Formulas: module docstring.
     """
-    if kind == "forward_kl" or (kind == "skew_kl" and p["alpha"] == 0.0):
+    if kind == "forward_kl" or (kind == "skew_kl" and p["alpha"] == 0.0) or (
+            kind == "js" and p["beta"] == 0.0):                # β = 0: forward KL (reference)
         pt = lt.exp()
         d = lt.sub_(ls)                                        # t − ℓ
         value = _rowdot(pt, d)
         return value, d.copy_(ls).exp_().sub_(pt)              # p_S − p_T
-    elif kind == "reverse_kl" or (kind == "skew_reverse_kl" and p["alpha"] == 0.0):
+    elif kind == "reverse_kl" or (kind == "skew_reverse_kl" and p["alpha"] == 0.0) or (
+            kind == "js" and p["beta"] == 1.0):                # β = 1: reverse KL (reference)
         ps = ls.exp()
         d = lt.neg_().add_(ls)                                 # ℓ − t
         value = _rowdot(ps, d)
@@ -101,13 +108,17 @@ def _divergence_and_grad(ls: Tensor, lt: Tensor, kind: str, p: dict[str, float])
         forward, reverse = -_rowdot(pt, d), _rowdot(ps, d)
         grad = d.sub_(reverse[:, None]).mul_(ps).mul_(1.0 - r).add_(ps, alpha=r).sub_(pt, alpha=r)
         return r * forward + (1.0 - r) * reverse, grad
+    elif kind == "tvd" and p["log_scale"]:
+        ps = ls.exp()
+        d = lt.neg_().add_(ls)                                 # ℓ − t
+        value = 0.5 * torch.linalg.vector_norm(d, ord=1, dim=-1)
+        return value, _through_softmax(d.sign_().mul_(0.5), ps)
     elif kind == "tvd":
         ps = ls.exp()
         d = lt.exp_().neg_().add_(ps)                          # p_S − p_T
         value = 0.5 * torch.linalg.vector_norm(d, ord=1, dim=-1)
         return value, _through_softmax(d.sign_().mul_(ps).mul_(0.5), ps)
-    elif (kind == "js" and p["beta"] in (0.0, 1.0)) or (kind in ("skew_kl", "skew_reverse_kl")
-                                                        and p["alpha"] == 1.0):
+    elif kind in ("skew_kl", "skew_reverse_kl") and p["alpha"] == 1.0:
         return ls.new_zeros(ls.shape[0]), lt.zero_()
     elif kind == "js":
         beta = p["beta"]
@@ -157,6 +168,7 @@ class _Spec:
     teacher_head: Tensor | None
     teacher_logits_fn: TeacherLogitsFn | None
     loss_weights: tuple[float, float] | None
+    sparse: SparseTargets | None = None
 
 
 def _chunk_terms(z: Tensor, zt: Tensor | None, labels: Tensor, nll_rows: Tensor, kd_rows: Tensor,
@@ -175,10 +187,14 @@ def _chunk_terms(z: Tensor, zt: Tensor | None, labels: Tensor, nll_rows: Tensor,
     g_nll = g_kd = None
     if zt is not None:
         ls = log_p1 if tau == 1.0 else torch.log_softmax(log_p1 / tau, dim=-1)
-        lt = zt if tau == 1.0 else zt.div_(tau)
-        lt = lt.sub_(torch.logsumexp(lt, -1, keepdim=True))
-        kd, g_kd = _divergence_and_grad(ls, lt, spec.kind, spec.params)
-        del ls, lt
+        if isinstance(zt, SparseTargets):  # a cached teacher: top-k + tail, or samples
+            kd, g_kd = sparse_divergence_and_grad(ls, zt, spec.kind, spec.params, tau)
+        else:
+            lt = zt if tau == 1.0 else zt.div_(tau)
+            lt = lt.sub_(torch.logsumexp(lt, -1, keepdim=True))
+            kd, g_kd = _divergence_and_grad(ls, lt, spec.kind, spec.params)
+            del lt
+        del ls
         kd = kd.mul_(tau**2).mul_(kd_rows)
         g_kd = g_kd.mul_(kd_rows[:, None] * tau)
     if bool(nll_rows.any()):
@@ -198,6 +214,8 @@ def _fresh_fp32(x: Tensor) -> Tensor:
 
 def _teacher_logits(idx: Tensor, spec: _Spec, teacher_head32: Tensor | None) -> Tensor:
     """Teacher logits of the tokens idx [c] as a fresh [c, V] fp32 buffer (no grad)."""
+    if spec.sparse is not None:
+        return spec.sparse.rows(idx)
     if spec.teacher_logits_fn is not None:
         out = spec.teacher_logits_fn(idx)
         if out.dim() != 2 or out.shape[0] != idx.numel() or out.shape[1] < spec.vocab:
@@ -238,6 +256,12 @@ class _Gradients:
             self.head[s][:g.shape[1]].addmm_(g.T, h)
 
 
+def _fp32_region(device: torch.device):
+    """Autocast off: an enclosing bf16 autocast would otherwise run the logit and gradient
+    matmuls in bf16 (and refuse to add their bf16 results into fp32 accumulators)."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 @torch.no_grad()
 def _fused_forward(student_hidden: Tensor, student_head: Tensor, labels: Tensor, nll_mask: Tensor,
                    kd_mask: Tensor, spec: _Spec, want_hidden: bool,
@@ -245,8 +269,17 @@ def _fused_forward(student_hidden: Tensor, student_head: Tensor, labels: Tensor,
     """Walk the supervised tokens chunk by chunk; sum the losses, accumulate their gradients.
 
     Returns nll_sum, kd_sum (fp32 scalars) and the gradients of each stream: NLL and KD, or
-    one combined stream when spec.loss_weights is set.
+    one combined stream when spec.loss_weights is set. All arithmetic is fp32, whatever
+    autocast context the caller is in.
     """
+    with _fp32_region(student_hidden.device):
+        return _fused_forward_fp32(student_hidden, student_head, labels, nll_mask, kd_mask, spec,
+                                   want_hidden, want_head)
+
+
+def _fused_forward_fp32(student_hidden: Tensor, student_head: Tensor, labels: Tensor,
+                        nll_mask: Tensor, kd_mask: Tensor, spec: _Spec, want_hidden: bool,
+                        want_head: bool) -> tuple[Tensor, Tensor, _Gradients]:
     head32 = student_head[:spec.vocab].float()  # fp32 arithmetic for bf16 heads; no copy when fp32
     teacher_head32 = None if spec.teacher_head is None else spec.teacher_head[:spec.vocab].float()
     grads = _Gradients(2 if spec.loss_weights is None else 1, student_hidden, student_head, head32,
@@ -336,7 +369,8 @@ def _make_spec(student_hidden: Tensor, student_head: Tensor, teacher_hidden: Ten
                teacher_head: Tensor | None, labels: Tensor, nll_mask: Tensor, kd_mask: Tensor,
                kind: str, temperature: float, vocab_size: int | None, chunk_size: int,
                params: dict[str, float] | None, teacher_logits_fn: TeacherLogitsFn | None,
-               loss_weights: tuple[float, float] | None) -> _Spec:
+               loss_weights: tuple[float, float] | None,
+               sparse_teacher: SparseTargets | None = None) -> _Spec:
     """Check every argument of distill_loss_sums once; ValueError names the culprit."""
     p = divergence_params(kind, params)
     _check_temperature(temperature)
@@ -360,7 +394,11 @@ def _make_spec(student_hidden: Tensor, student_head: Tensor, teacher_hidden: Ten
                                        or teacher_head.shape[1] != teacher_hidden.shape[1]):
         raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} and teacher_head "
                          f"{tuple(teacher_head.shape)} must be [{n}, hidden] and [vocab, hidden]")
-    if teacher_hidden is None and teacher_logits_fn is None and bool(kd_mask.any()):
+    if sparse_teacher is not None and (teacher_hidden is not None or teacher_logits_fn is not None):
+        raise ValueError("pass one teacher: sparse_teacher, teacher_hidden/teacher_head or "
+                         "teacher_logits_fn")
+    if teacher_hidden is None and teacher_logits_fn is None and sparse_teacher is None \
+            and bool(kd_mask.any()):
         raise ValueError("kd_mask selects tokens but no teacher was given (teacher_hidden and "
                          "teacher_head, or teacher_logits_fn)")
     v = _compared_width(student_head.shape[0], None if teacher_head is None else teacher_head.shape[0],
@@ -377,8 +415,10 @@ def _make_spec(student_hidden: Tensor, student_head: Tensor, teacher_hidden: Ten
                 or all(w == 0 for w in loss_weights):
             raise ValueError(f"loss_weights={loss_weights!r} must be two finite numbers, not both 0")
         loss_weights = (float(loss_weights[0]), float(loss_weights[1]))
+    if sparse_teacher is not None:
+        check_sparse(sparse_teacher, kind, temperature, n, v)
     return _Spec(kind, p, float(temperature), v, chunk_size, teacher_hidden, teacher_head,
-                 teacher_logits_fn, loss_weights)
+                 teacher_logits_fn, loss_weights, sparse_teacher)
 
 
 def distill_loss_sums(student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor | None,
@@ -386,8 +426,11 @@ def distill_loss_sums(student_hidden: Tensor, student_head: Tensor, teacher_hidd
                       kind: Divergence, temperature: float = 1.0, vocab_size: int | None = None,
                       chunk_size: int = 1024, params: dict[str, float] | None = None,
                       teacher_logits_fn: TeacherLogitsFn | None = None,
-                      loss_weights: tuple[float, float] | None = None) -> tuple[Tensor, Tensor]:
+                      loss_weights: tuple[float, float] | None = None,
+                      sparse_teacher: SparseTargets | None = None) -> tuple[Tensor, Tensor]:
     """Summed NLL and τ²-scaled KD over the masked tokens, chunked so memory is O(chunk × vocab).
+
+    sparse_teacher: [N, k] cached teacher targets instead of a dense teacher (essence.sparse_kd).
 
     student_hidden: [N, H] final hidden states (any float dtype); student_head: [V_s, H] LM-head
     weight. teacher_hidden: [N, H_t] and teacher_head: [V_t, H_t], or None when kd_mask is empty
@@ -406,7 +449,7 @@ def distill_loss_sums(student_hidden: Tensor, student_head: Tensor, teacher_hidd
     """
     spec = _make_spec(student_hidden, student_head, teacher_hidden, teacher_head, labels, nll_mask,
                       kd_mask, kind, temperature, vocab_size, chunk_size, params, teacher_logits_fn,
-                      loss_weights)
+                      loss_weights, sparse_teacher)
     grad_wanted = torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.requires_grad)
     if not grad_wanted:
         nll_sum, kd_sum, _ = _fused_forward(student_hidden, student_head, labels, nll_mask, kd_mask,
@@ -421,7 +464,8 @@ def naive_distill_loss_sums(student_hidden: Tensor, student_head: Tensor, teache
                             kind: Divergence, temperature: float = 1.0, vocab_size: int | None = None,
                             chunk_size: int = 1024, params: dict[str, float] | None = None,
                             teacher_logits_fn: TeacherLogitsFn | None = None,
-                            loss_weights: tuple[float, float] | None = None) -> tuple[Tensor, Tensor]:
+                            loss_weights: tuple[float, float] | None = None,
+                            sparse_teacher: SparseTargets | None = None) -> tuple[Tensor, Tensor]:
     """The same sums as distill_loss_sums, written plainly: full [N, V] logits and autograd.
 
     The reference for tests and bench/loss_memory.py. chunk_size and loss_weights are accepted
@@ -429,18 +473,29 @@ def naive_distill_loss_sums(student_hidden: Tensor, student_head: Tensor, teache
     """
     spec = _make_spec(student_hidden, student_head, teacher_hidden, teacher_head, labels, nll_mask,
                       kd_mask, kind, temperature, vocab_size, chunk_size, params, teacher_logits_fn,
-                      None)
+                      None, sparse_teacher)
+    with _fp32_region(student_hidden.device):
+        return _naive_sums(student_hidden, student_head, teacher_hidden, teacher_head, labels,
+                           nll_mask, kd_mask, spec, teacher_logits_fn)
+
+
+def _naive_sums(student_hidden, student_head, teacher_hidden, teacher_head, labels, nll_mask,
+                kd_mask, spec: _Spec, teacher_logits_fn) -> tuple[Tensor, Tensor]:
     v = spec.vocab
     logits = student_hidden.float() @ _first_columns(student_head.T, v).float()
     nll_sum = F.cross_entropy(logits, labels.where(nll_mask, IGNORE_INDEX), ignore_index=IGNORE_INDEX,
                               reduction="sum")
     if not bool(kd_mask.any()):
         return nll_sum, logits.sum() * 0.0
+    if spec.sparse is not None:
+        per_token = sparse_divergence(logits, spec.sparse, spec.kind, temperature=spec.temperature,
+                                      **spec.params)
+        return nll_sum, torch.where(kd_mask, per_token, 0.0).sum()
     with torch.no_grad():
         if teacher_logits_fn is not None:
             teacher_logits = teacher_logits_fn(torch.arange(student_hidden.shape[0], device=labels.device))
         else:
             teacher_logits = teacher_hidden.float() @ _first_columns(teacher_head.T, v).float()
-    per_token = divergence(logits, teacher_logits, kind, temperature=temperature, vocab_size=v,
-                           **spec.params)
+    per_token = divergence(logits, teacher_logits, spec.kind, temperature=spec.temperature,
+                           vocab_size=v, **spec.params)
     return nll_sum, torch.where(kd_mask, per_token, 0.0).sum()

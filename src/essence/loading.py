@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,25 @@ def resolve(spec: str) -> str:
     return spec
 
 
-def _looks_local(spec: str) -> bool:
-    return spec.startswith((".", "/", "~")) or Path(spec).exists() or spec.count("/") > 1
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow", ".txt", ".tsv")
+
+
+def near_data_suffix(spec: str) -> str | None:
+    """The data suffix (.jsonl, ...) that `spec` ends in, or nearly does (.jsnol), else None."""
+    for suffix in reversed(Path(spec).suffixes):
+        close = difflib.get_close_matches(suffix.lower(), DATA_SUFFIXES, n=1, cutoff=0.7)
+        if close:
+            return close[0]
+    return None
+
+
+def looks_local(spec: str) -> bool:
+    """Whether `spec` names a local path rather than a hub id: it exists, starts with . / or ~,
+    has more than one slash or a backslash, or ends in (nearly) a data suffix. Such a spec is
+    never sent to the hub, so a mistyped file name fails as a missing file, not a network error.
+    """
+    return (spec.startswith((".", "/", "~")) or "\\" in spec or spec.count("/") > 1
+            or Path(spec).expanduser().exists() or near_data_suffix(spec) is not None)
 
 
 def load_tokenizer(spec: str):
@@ -30,7 +48,7 @@ def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
     path = resolve(spec)
-    if _looks_local(path) and not Path(path).expanduser().exists():
+    if looks_local(path) and not Path(path).expanduser().exists():
         raise EssenceError(f"tokenizer path {spec} does not exist")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -52,21 +70,40 @@ def load_causal_lm(spec: str, *, dtype=None, role: str = "model", flag: str | No
     flag = flag or f"model.{role}"
     from transformers import AutoModelForCausalLM
 
+    from safetensors import SafetensorError
+
     path = resolve(spec)
-    if _looks_local(path) and not Path(path).expanduser().exists():
+    if looks_local(path) and not Path(path).expanduser().exists():
         raise EssenceError(f"{role} path {spec} does not exist; check {flag}")
+    _check_saved_files(Path(path).expanduser(), role, spec)
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, EOFError, SafetensorError, RuntimeError) as err:
+        # torch.load reports a truncated .bin as RuntimeError; anything else is a bug to show.
+        if isinstance(err, RuntimeError) and "PytorchStreamReader" not in str(err):
+            raise
         first = str(err).split("\n")[0]
         raise EssenceError(
             f"cannot load the {role} from {spec!r}: {first} — check {flag} "
-            "(a local folder with config.json and weights, or a hub id)"
+            "(a local folder with config.json and complete weights, or a hub id)"
         ) from None
 
 
-def random_causal_lm(fields: dict[str, Any], vocab_size: int, seed: int, *, dtype=None):
-    """A random-init causal LM from transformers config fields (model_type is required)."""
+def _check_saved_files(folder: Path, role: str, spec: str) -> None:
+    """A folder essence wrote carries a manifest: refuse truncated or missing weight files."""
+    from essence.checkpoint import MANIFEST, verify
+
+    if (folder / MANIFEST).is_file():
+        problem = verify(folder)
+        if problem:
+            raise EssenceError(f"the {role} in {spec} is damaged: {problem}; use an intact "
+                               "copy or another checkpoint")
+
+
+def random_causal_lm(fields: dict[str, Any], vocab_size: int, seed: int, *, dtype=None,
+                     device=None):
+    """A random-init causal LM from transformers config fields (model_type is required), built
+    directly on `device` (default CPU): a GPU initialises billions of weights in seconds."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -80,5 +117,6 @@ def random_causal_lm(fields: dict[str, Any], vocab_size: int, seed: int, *, dtyp
     except (ValueError, TypeError) as err:
         raise EssenceError(f"bad random-init model config {fields}: {err}") from None
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    with torch.device(device or "cpu"):
+        model = AutoModelForCausalLM.from_config(config)
     return model.to(dtype) if dtype is not None else model

@@ -6,6 +6,17 @@ in ``essence.fused_loss`` and uses the argument checks defined here.
 
 Conventions (DESIGN.md): p_T, p_S = softmax(logits / τ) of teacher and student, the
 divergence is scaled by τ²; only the first ``vocab_size`` logit columns are compared.
+As in the paper's reference code: ``js`` at β = 0 is forward KL and at β = 1 reverse KL (not the
+vanishing mixture), and ``tvd`` with ``log_scale`` compares log-probabilities.
+
+Reduction (how per-token losses become the step loss; ``loss.reduction``, applied by
+``essence.step`` and the loop): ``token`` (default) sums each term (NLL, KD) over its targets
+in all micro-batches and processes of an optimizer step and divides once by their count, so
+every token weighs the same and the gradient does not depend on how the step is split.
+``sequence`` replicates the reference code's per-rank means at micro-batch 1: each term is the
+mean over each sequence's own targets, then the mean over the step's sequences that have
+targets for that term (a sequence without KD targets is left out of the KD mean), so every
+sequence weighs the same; it too does not depend on how the step is split.
 """
 
 from __future__ import annotations
@@ -37,8 +48,10 @@ def divergence_params(kind: str, params: dict[str, float] | None = None) -> dict
 
     Raises ValueError naming the unknown kind or parameter and the valid choices.
     """
-    if kind in ("forward_kl", "reverse_kl", "tvd"):
+    if kind in ("forward_kl", "reverse_kl"):
         defaults: dict[str, float] = {}
+    elif kind == "tvd":
+        defaults = {"log_scale": 0.0}
     elif kind == "combined_kl":
         defaults = {"forward_ratio": 0.5}
     elif kind == "js":
@@ -52,6 +65,10 @@ def divergence_params(kind: str, params: dict[str, float] | None = None) -> dict
             takes = f"its parameter is {', '.join(defaults)}" if defaults else "it takes no parameters"
             raise ValueError(f"divergence {kind!r} has no parameter {name!r}; {takes}")
     resolved = {**defaults, **(params or {})}
+    if isinstance(resolved.get("log_scale"), bool):  # a switch: true / false read as 1 / 0
+        resolved["log_scale"] = float(resolved["log_scale"])
+    if resolved.get("log_scale") not in (None, 0.0, 1.0):
+        raise ValueError(f"divergence 'tvd': log_scale={resolved['log_scale']!r} must be true or false")
     for name, value in resolved.items():
         # `not (0 <= v <= 1)` also rejects NaN.
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
@@ -102,11 +119,17 @@ def _divergence_values(ls: Tensor, lt: Tensor, kind: str, p: dict[str, float]) -
         return r * _kl(lt, ls) + (1.0 - r) * _kl(ls, lt)
     elif kind == "js":
         beta = p["beta"]
-        if beta in (0.0, 1.0):  # m equals one of the two distributions: JS is 0
-            return ls.sum(-1) * 0.0
+        # At the ends m is one of the two distributions and the mixture is 0; the reference
+        # code (and TRL) read β = 0 as forward KL and β = 1 as reverse KL instead.
+        if beta == 0.0:
+            return _kl(lt, ls)
+        if beta == 1.0:
+            return _kl(ls, lt)
         log_m = _log_mix(lt, ls, beta)
         return beta * _kl(lt, log_m) + (1.0 - beta) * _kl(ls, log_m)
     elif kind == "tvd":
+        if p["log_scale"]:
+            return 0.5 * (lt - ls).abs().sum(-1)
         return 0.5 * (lt.exp() - ls.exp()).abs().sum(-1)
     elif kind == "skew_kl":
         alpha = p["alpha"]
@@ -127,7 +150,8 @@ def divergence(student_logits: Tensor, teacher_logits: Tensor, kind: Divergence,
 
     student_logits: [..., V_s]; teacher_logits: [..., V_t] with the same leading dims.
     Only the first vocab_size columns (default min(V_s, V_t)) are compared.
-    params: forward_ratio (combined_kl), beta (js), alpha (skew_kl, skew_reverse_kl).
+    params: forward_ratio (combined_kl), beta (js), alpha (skew_kl, skew_reverse_kl),
+    log_scale (tvd: ½·Σ|log p_S − log p_T| instead of ½·Σ|p_S − p_T|).
     Returns [...] fp32, differentiable w.r.t. both inputs. Logits must be finite; probabilities
     that underflow to 0 are fine.
     """

@@ -14,7 +14,8 @@ from pathlib import Path
 import yaml
 
 from essence.errors import EssenceError
-from essence.io import write_json_atomic, write_text_atomic
+from essence.io import write_failure, write_json_atomic, write_text_atomic
+from essence.rundir import check_out_dir
 
 COLUMNS = ("run", "truncation", "lsp", "accuracy", "retention_pct", "student_tokens",
            "total_flops", "wall_time_s", "peak_memory_bytes", "token_saving_pct",
@@ -35,11 +36,31 @@ def accuracy_of(summary: dict) -> float | None:
     return sum(scores) / len(scores) if scores else None
 
 
+def _read_summary(path: Path) -> dict | None:
+    """A run's summary.json, or None (with a warning) when it is unreadable or not a mapping."""
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        print(f"essence report: warning: skipping {path.parent.name}: {path} is unreadable ({err})")
+        return None
+    if not isinstance(summary, dict):
+        print(f"essence report: warning: skipping {path.parent.name}: {path} holds a "
+              f"{type(summary).__name__}, not a summary mapping")
+        return None
+    return summary
+
+
 def _lsp(run_dir: Path) -> float | None:
     config = run_dir / "config.yaml"
     if not config.is_file():
         return None
-    truncation = (yaml.safe_load(config.read_text()) or {}).get("data", {}).get("truncation", {})
+    try:
+        tree = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+        truncation = tree.get("data", {}).get("truncation", {})
+        assert isinstance(truncation, dict)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError, AssertionError):
+        print(f"essence report: warning: {config} is unreadable; its LSP is left blank")
+        return None
     if any(truncation.get(k) for k in ("window", "cot_lead", "cut_after_think")):
         return None
     return truncation.get("lsp")
@@ -57,7 +78,9 @@ def collect(runs_dir: Path, baseline: str | None = None) -> list[dict]:
         raise EssenceError(f"{runs_dir} is not a directory of runs")
     rows = []
     for summary_path in sorted(runs_dir.glob("*/summary.json")):
-        summary = json.loads(summary_path.read_text())
+        summary = _read_summary(summary_path)
+        if summary is None:
+            continue
         run_dir = summary_path.parent
         rows.append({
             "run": run_dir.name, "truncation": summary.get("truncation", "-"), "lsp": _lsp(run_dir),
@@ -140,8 +163,13 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
         ax.set_ylabel("accuracy (pass@1, %)")
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out / name, dpi=120)
-        plt.close(fig)
+        try:
+            fig.savefig(out / name, dpi=120)
+        except OSError as err:
+            raise EssenceError(f"{write_failure(out / name, err)}; free disk space or choose "
+                               "a writable --out") from None
+        finally:
+            plt.close(fig)
         written.append(out / name)
     return written
 
@@ -158,12 +186,15 @@ def build_report(runs_dir: str | Path, out: str | Path | None = None,
                  baseline: str | None = None, console=None) -> list[dict]:
     """Write report.md, report.json and the plots; print the table; return the rows."""
     runs_dir = Path(runs_dir)
-    out = Path(out) if out else runs_dir
-    out.mkdir(parents=True, exist_ok=True)
     rows = collect(runs_dir, baseline)
+    out = check_out_dir(out if out is not None else runs_dir)
     write_json_atomic(out / "report.json", rows)
-    write_text_atomic(out / "report.md", "# Trade-off report\n\n" + to_markdown(rows))
+    teacher = teacher_costs(runs_dir)
+    write_text_atomic(out / "report.md", "# Trade-off report\n\n" + to_markdown(rows)
+                      + (f"\n{teacher['line']}\n" if teacher else ""))
     plot(rows, out)
+    if teacher and console is not None:
+        console.print(teacher["line"])
     if console is not None:
         from rich.table import Table
 
@@ -174,3 +205,28 @@ def build_report(runs_dir: str | Path, out: str | Path | None = None,
             table.add_row(*(_fmt(c, row.get(c)) for c in COLUMNS))
         console.print(table)
     return rows
+
+
+def teacher_costs(runs_dir: Path) -> dict | None:
+    """The runs' teacher FLOPs as spent — each teacher cache's one pass, counted once, plus any
+    online teacher — beside what every run running its teacher online would have cost.
+    None when no run read a cache."""
+    caches: dict[str, tuple[float, float]] = {}
+    spent = online = 0.0
+    for path in sorted(runs_dir.glob("*/summary.json")):
+        summary = _read_summary(path) or {}
+        spent += summary.get("teacher_flops") or 0.0
+        online += (summary.get("teacher_flops") or 0.0) + (summary.get("teacher_flops_cached") or 0.0)
+        if summary.get("teacher_source") == "cache":
+            caches[summary["teacher_cache"]] = (summary["teacher_cache_flops"],
+                                                summary["teacher_cache_wall_time_s"])
+    if not caches:
+        return None
+    cache_flops = sum(f for f, _ in caches.values())
+    total = cache_flops + spent
+    line = (f"Teacher FLOPs of these runs: {total:.3g} ({len(caches)} cache pass(es): "
+            f"{cache_flops:.3g} FLOPs, {sum(t for _, t in caches.values()):.1f} s; online teachers: "
+            f"{spent:.3g}) vs {online:.3g} with every teacher run online "
+            f"({total / online if online else float('nan'):.2f}x).")
+    return {"caches": len(caches), "cache_flops": cache_flops, "online_flops": spent,
+            "total_flops": total, "all_online_flops": online, "line": line}

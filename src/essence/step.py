@@ -2,7 +2,8 @@
 
 ``DistillStep`` is the module accelerate wraps (DDP and friends), so the loss is computed
 inside the wrapped forward and gradient synchronisation sees every parameter. It returns
-loss *sums*; the loop divides them once per optimizer step by the step's token counts.
+loss *sums*; the loop divides them once per optimizer step by the step's token counts (with
+loss.reduction: sequence, sums of per-sequence means, divided by the step's sequence counts).
 """
 
 from __future__ import annotations
@@ -34,11 +35,17 @@ def targets(batch_ids: torch.Tensor, attention: torch.Tensor, nll_mask: torch.Te
     return batch_ids[:, 1:], nll_mask[:, 1:] & real, kd_mask[:, 1:] & real
 
 
-def step_token_counts(batches) -> tuple[int, int]:
-    """NLL and KD target counts of the micro-batches of one optimizer step (this process)."""
+def step_token_counts(batches, reduction: str = "token") -> tuple[int, int]:
+    """NLL and KD target counts of the micro-batches of one optimizer step (this process).
+
+    reduction "sequence" counts the sequences that have at least one target of each term
+    instead, the denominators of a mean of per-sequence means.
+    """
     nll = kd = 0
     for batch in batches:
         _, n, k = targets(batch.input_ids, batch.attention_mask, batch.nll_mask, batch.kd_mask)
+        if reduction == "sequence":
+            n, k = n.any(1), k.any(1)
         nll += int(n.sum())
         kd += int(k.sum())
     return nll, kd
@@ -66,18 +73,51 @@ class DistillStep(torch.nn.Module):
         if teacher is None or self.loss.kd_ratio == 0:
             kd = torch.zeros_like(kd)
         rows = (nll | kd).reshape(-1)
-        flat = lambda t: t[:, :-1].reshape(-1, t.shape[-1])[rows]  # noqa: E731
         head = self.student.get_output_embeddings().weight
-        nll_sum, kd_sum = distill_loss_sums(
-            flat(hidden), head,
-            flat(teacher.hidden) if teacher is not None else None,
-            teacher.head if teacher is not None else None,
-            labels.reshape(-1)[rows], nll.reshape(-1)[rows], kd.reshape(-1)[rows],
-            kind=self.loss.divergence, temperature=self.loss.temperature,
-            vocab_size=self.vocab_size, chunk_size=self.loss.chunk_size,
-            params=dict(self.loss.params), loss_weights=weights,
-        )
-        return LossSums(nll_sum, kd_sum)
+        sparse = teacher.sparse if teacher is not None else None  # a cached teacher's targets
+        dense = teacher is not None and sparse is None
+
+        def sums(rows: torch.Tensor, weights) -> tuple[torch.Tensor, torch.Tensor]:
+            """NLL and KD sums over the positions `rows` ([batch·(seq-1)] bool)."""
+            flat = lambda t: t[:, :-1].reshape(-1, t.shape[-1])[rows]  # noqa: E731
+            return distill_loss_sums(
+                flat(hidden), head,
+                flat(teacher.hidden) if dense else None,
+                teacher.head if dense else None,
+                labels.reshape(-1)[rows], nll.reshape(-1)[rows], kd.reshape(-1)[rows],
+                kind=self.loss.divergence, temperature=self.loss.temperature,
+                vocab_size=self.vocab_size, chunk_size=self.loss.chunk_size,
+                params=dict(self.loss.params), loss_weights=weights,
+                sparse_teacher=sparse.positions(rows) if sparse is not None else None,
+            )
+
+        if self.loss.reduction == "sequence" and bool(rows.any()):
+            return sequence_means(nll, kd, sums, weights)
+        return LossSums(*sums(rows, weights))
+
+
+def sequence_means(nll: torch.Tensor, kd: torch.Tensor, sums, weights) -> LossSums:
+    """loss.reduction: sequence — Σ over sequences of each term's mean over that sequence's
+    own targets (nll, kd: [batch, seq-1] target masks; sums(rows, weights) → the two sums).
+
+    The loop divides these by the step's count of sequences with targets for each term, as
+    it divides token sums by token counts. The fused loss runs once per sequence (each holds
+    its own gradient buffers until backward), so micro-batch 1 costs nothing extra.
+    """
+    n_nll, n_kd = nll.sum(1).tolist(), kd.sum(1).tolist()
+    total_nll = total_kd = None
+    for b, (a, k) in enumerate(zip(n_nll, n_kd)):
+        if a == 0 and k == 0:
+            continue
+        select = torch.zeros_like(nll)
+        select[b] = nll[b] | kd[b]
+        pair = None if weights is None else (weights[0] / a if a else 0.0,
+                                             weights[1] / k if k else 0.0)
+        s_nll, s_kd = sums(select.reshape(-1), None if pair == (0.0, 0.0) else pair)
+        mean_nll, mean_kd = (s_nll / a if a else s_nll), (s_kd / k if k else s_kd)
+        total_nll = mean_nll if total_nll is None else total_nll + mean_nll
+        total_kd = mean_kd if total_kd is None else total_kd + mean_kd
+    return LossSums(total_nll, total_kd)
 
 
 def loss_weights(n_nll: int, n_kd: int, kd_ratio: float) -> tuple[float, float]:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import itertools
 import re
+import shutil
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from essence.config import load_config, parse_override
+from essence.config import check_unchanged, load_config, parse_override
 from essence.errors import EssenceError
 from essence.io import write_json_atomic
 
@@ -57,15 +58,31 @@ def point_status(run_dir: Path) -> str:
 
 
 def run_sweep(config_path: str, grid: list[str], out: str | Path,
-              overrides: list[str] = ()) -> dict[str, str]:
-    """Train every grid point not yet complete; returns each point's final status."""
+              overrides: list[str] = (), overwrite: bool = False) -> dict[str, str]:
+    """Train every grid point not yet complete; returns each point's final status.
+
+    A point whose directory holds a run started under other settings is refused (naming the
+    differing keys) before any point trains; overwrite=True deletes such a point and redoes it.
+    """
     from essence.train import train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     points = parse_grid(grid)
+    stale = []
     for point in points:  # validate every point before spending compute on the first
-        load_config(config_path, [*overrides, *point.overrides])
+        config = load_config(config_path, [*overrides, *point.overrides])
+        try:
+            check_unchanged(out / point.name / "config.yaml", config, f"sweep point {point.name}",
+                            "rerun with --overwrite to redo it under the new settings, or sweep "
+                            "into another --out")
+        except EssenceError:
+            if not overwrite:
+                raise
+            stale.append(point.name)
+    for name in stale:
+        print(f"essence sweep: {name} was run under other settings; --overwrite: redoing it")
+        shutil.rmtree(out / name)
     results = {}
     for i, point in enumerate(points, 1):
         run_dir = out / point.name
@@ -77,7 +94,13 @@ def run_sweep(config_path: str, grid: list[str], out: str | Path,
         config = load_config(config_path, [*overrides, *point.overrides])
         (run_dir / "failed.json").unlink(missing_ok=True)
         try:
-            train(config, run_dir, resume=status in ("partial", "failed"))
+            # The point's folder is this sweep's own (its config matched above): continue it.
+            resume = status != "new" or (run_dir / "config.yaml").is_file()
+            if config.model.teacher_cache and config.loss.kd_ratio > 0:
+                from essence.cache_build import ensure_cache
+
+                ensure_cache(config, progress=config.train.progress)  # one per fingerprint
+            train(config, run_dir, resume=resume)
             results[point.name] = "complete"
         except (EssenceError, RuntimeError, ValueError, OSError) as err:
             run_dir.mkdir(parents=True, exist_ok=True)

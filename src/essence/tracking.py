@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from essence.errors import EssenceError
+from essence.io import append_line, write_text_atomic
 
 
 class MetricsLog:
@@ -18,19 +19,16 @@ class MetricsLog:
         if not enabled:
             return
         if resume_step and self.path.exists():
-            # A run killed after its last checkpoint logged steps it will now redo.
-            lines = [l for l in self.path.read_text().splitlines()
-                     if l.strip() and json.loads(l).get("step", 0) <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in lines))
+            lines = _lines_up_to(self.path, resume_step)
+            write_text_atomic(self.path, "".join(l + "\n" for l in lines))
         elif not resume_step:
-            self.path.write_text("")
+            write_text_atomic(self.path, "")
         self.backend = _open_tracker(tracker, run_dir)
 
     def write(self, metrics: dict) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(metrics) + "\n")
+        append_line(self.path, json.dumps(metrics))
         if self.backend is not None:
             self.backend(metrics)
 
@@ -38,6 +36,28 @@ class MetricsLog:
         closer = getattr(self.backend, "close", None)
         if closer:
             closer()
+
+
+def _lines_up_to(path: Path, step: int) -> list[str]:
+    """The metrics lines of steps up to `step` (a run killed after its last checkpoint logged
+    steps it will now redo); a line cut short by the kill is dropped with a notice."""
+    kept = []
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            line_step = record.get("step", 0) if isinstance(record, dict) else None
+        except json.JSONDecodeError:
+            line_step = None
+        if not isinstance(line_step, int):
+            print(f"essence: dropped line {number} of {path} (half written or not a metrics "
+                  "record)")
+            continue
+        if line_step <= step:
+            kept.append(line)
+    return kept
 
 
 def _open_tracker(tracker: str, run_dir: Path):

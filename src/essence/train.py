@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from dataclasses import asdict
@@ -18,16 +19,18 @@ from pathlib import Path
 import torch
 
 from essence.checkpoint import (
-    latest_checkpoint, load_trainer_state, prune_checkpoints, save_checkpoint, save_model,
-    set_rng_state, rng_state,
+    checkpoint_bytes, find_checkpoint, intact_note, load_trainer_state, prune_checkpoints,
+    save_checkpoint, save_model, set_rng_state, rng_state,
 )
 from essence.compute import Ledger, peak_memory_bytes, reset_peak_memory
-from essence.config import Config, save_config
+from essence.config import Config, TrainConfig, check_unchanged, save_config
 from essence.data.batching import Batch, Example, collate, plan_batches
 from essence.data.pipeline import prepare, to_example
 from essence.data.truncation import TruncationConfig, truncate
 from essence.errors import EssenceError
+from essence.faults import fault_point
 from essence.io import write_json_atomic
+from essence.rundir import check_free_space, claim_run_dir
 from essence.step import DistillStep, combine, loss_weights, step_token_counts
 from essence.trainer_setup import build_models, build_optimizer, make_accelerator
 from essence.tracking import MetricsLog
@@ -53,6 +56,24 @@ def split_validation(prepared, config: Config) -> tuple[list[Example], list[Exam
     return [prepared.examples[i] for i in sorted(train_idx)], val
 
 
+EVAL_DELAY_HOOK = "ESSENCE_TEST_EVAL_DELAY_S"
+"""Test hook: seconds to wait before the end-of-run evaluation (tests of collective timeouts)."""
+
+
+def warn_global_batch(train: TrainConfig, world: int) -> str | None:
+    """Print (and return) a warning when the global batch is not the one the config expects."""
+    expected = train.expect_global_batch
+    actual = world * train.batch_size * train.grad_accum
+    if expected is None or actual == expected:
+        return None
+    message = (f"essence: warning: {world} processes × train.batch_size {train.batch_size} × "
+               f"train.grad_accum {train.grad_accum} = {actual} sequences per step, but this "
+               f"config expects {expected} (train.expect_global_batch); the recipe it reproduces "
+               "is not being followed")
+    print(message)
+    return message
+
+
 class Trainer:
     """Owns the loop: which batches form a step, when to log, validate and save."""
 
@@ -60,15 +81,23 @@ class Trainer:
         self.config, self.run_dir = config, run_dir
         self.accelerator = make_accelerator(config.train)
         self.is_main = self.accelerator.is_main_process
-        checkpoint = latest_checkpoint(run_dir) if resume else None
-        if resume and checkpoint is None and self.is_main:
-            print(f"essence: no checkpoint in {run_dir}; starting from the beginning")
+        checkpoint = self._choose_checkpoint() if resume else None
+        if checkpoint is not None:
+            check_unchanged(run_dir / "config.yaml", config, f"the run in {run_dir}",
+                            "resume with the same settings (only when to stop, log, validate or "
+                            "save and the eval block may change), or train into a new --out")
         self.models = build_models(config, self.accelerator.device, checkpoint)
         prepared = prepare(config.data, self.models.tokenizer)
         self._report_skipped(prepared.skipped)
         self.train_set, self.val_set = split_validation(prepared, config)
+        if self.models.teacher_cached:  # check the cache once; drop records it cannot serve
+            self.train_set, self.val_set = self.models.teacher.bind(
+                self.models.tokenizer, prepared, self.train_set, self.val_set)
+            self.models.teacher_flops = self.models.teacher.flop_model()
         self.lengths = [len(e) for e in self.train_set]
         self.world = self.accelerator.num_processes
+        if self.is_main:
+            warn_global_batch(config.train, self.world)
         per_step = self.world * config.train.grad_accum
         self.steps_per_epoch = (len(self.train_set) // config.train.batch_size) // per_step
         if self.steps_per_epoch == 0:
@@ -90,6 +119,20 @@ class Trainer:
         if checkpoint is not None:
             self._restore(checkpoint)
         self.log = MetricsLog(run_dir, config.train.tracker, self.is_main, resume_step=self.step)
+
+    def _choose_checkpoint(self) -> Path | None:
+        """The newest verified checkpoint to resume from (None: start from the beginning)."""
+        checkpoint, notes = find_checkpoint(self.run_dir)
+        if self.is_main:
+            for note in notes:
+                print(f"essence: {note}")
+        if checkpoint is None and notes:
+            raise EssenceError(
+                f"--resume: no complete checkpoint in {self.run_dir / 'checkpoints'} "
+                f"({'; '.join(notes)}); pass --overwrite to start this run again")
+        if checkpoint is None and self.is_main:
+            print(f"essence: no checkpoint in {self.run_dir}; starting from the beginning")
+        return checkpoint
 
     def _report_skipped(self, skipped) -> None:
         if skipped and self.is_main:
@@ -128,11 +171,12 @@ class Trainer:
         """The teacher's targets for a batch, or None when the loss has no KD term."""
         if self.models.teacher is None or self.config.loss.kd_ratio == 0:
             return None
-        return self.models.teacher(batch.input_ids, batch.attention_mask)
+        return self.models.teacher(batch.input_ids, batch.attention_mask, batch.record_ids)
 
     def optimizer_step(self, batches: list[Batch]) -> dict:
         """One optimizer step over this process's micro-batches; returns its metrics."""
-        n_nll, n_kd = (int(v) for v in self._reduce(list(step_token_counts(batches))))
+        reduction = self.config.loss.reduction  # token counts, or sequence counts
+        n_nll, n_kd = (int(v) for v in self._reduce(list(step_token_counts(batches, reduction))))
         kd_ratio = self.config.loss.kd_ratio
         weights = loss_weights(n_nll, n_kd, kd_ratio)
         if weights == (0.0, 0.0):
@@ -152,14 +196,14 @@ class Trainer:
                 loss = combine(out, weights) * self.world
                 self.accelerator.backward(loss)
             sums += torch.tensor([out.nll.item(), out.kd.item()], dtype=torch.float64)
-            self.ledger.add(batch, self.models.student_flops, self.models.teacher_flops)
+            self.ledger.add(batch, self.models.student_flops, self.models.teacher_flops,
+                            cached=self.models.teacher_cached)
         nll_sum, kd_sum = self._reduce(sums.tolist())
         if not math.isfinite(nll_sum + kd_sum):
             ids = [r for b in batches for r in b.record_ids]
             raise EssenceError(
                 f"non-finite loss at step {self.step + 1} (records {ids[:8]}); stopped without "
-                f"saving, the last good checkpoint in {self.run_dir / 'checkpoints'} is intact. "
-                "Lower train.lr, or check those records"
+                f"saving; {intact_note(self.run_dir)}. Lower train.lr, or check those records"
             )
         grad_norm = None
         if self.config.train.max_grad_norm is not None:
@@ -185,7 +229,7 @@ class Trainer:
         pad_id = self.models.tokenizer.pad_token_id
         batches = [collate(mine[i:i + self.config.train.batch_size], pad_id)
                    for i in range(0, len(mine), self.config.train.batch_size)]
-        n_nll, n_kd = self._reduce(list(step_token_counts(batches)))
+        n_nll, n_kd = self._reduce(list(step_token_counts(batches, self.config.loss.reduction)))
         weights = loss_weights(int(n_nll), int(n_kd), self.config.loss.kd_ratio)
         total = 0.0
         for batch in batches:
@@ -214,7 +258,7 @@ class Trainer:
             }
             save_checkpoint(self.run_dir, self.step, self.models.student, self.models.tokenizer,
                             state)
-            prune_checkpoints(self.run_dir, keep=2)
+            prune_checkpoints(self.run_dir, keep=2, current=self.step)
         self.accelerator.wait_for_everyone()
 
     def run(self) -> dict:
@@ -226,6 +270,7 @@ class Trainer:
         while self.step < self.total_steps:
             metrics = self.optimizer_step(self.micro_batches(self.step))
             self.step += 1
+            fault_point(f"step-{self.step}")
             self.elapsed = time.perf_counter() - started
             self.last_train_loss = metrics["loss"]
             tokens = self._reduce([self.ledger.student_tokens])[0]
@@ -238,14 +283,16 @@ class Trainer:
                 self.log.write(metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+            if (cfg.save_checkpoints and cfg.save_every and self.step % cfg.save_every == 0
+                    and self.step < self.total_steps):
                 self.save()
         bar.close()
         if self.val_set and not (cfg.val_every and self.step % cfg.val_every == 0):
             self.last_val_loss = self.validate()
-        self.save()
-        if self.is_main:
-            save_model(self.models.student, self.models.tokenizer, self.run_dir / "model")
+        if cfg.save_checkpoints:
+            self.save()
+            if self.is_main:
+                save_model(self.models.student, self.models.tokenizer, self.run_dir / "model")
         return self.summary()
 
     def summary(self) -> dict:
@@ -269,10 +316,28 @@ class Trainer:
             "peak_memory_bytes": peak,
             "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss",
             "device": str(device),
-            "student_params": self.models.student_flops.params,
-            "teacher_params": self.models.teacher_flops.params if self.models.teacher_flops else None,
+            "student_params": self.models.student_flops.total_params,
+            "teacher_params": (self.models.teacher_flops.total_params
+                               if self.models.teacher_flops else None),
+            "teacher_ran": self.models.teacher is not None,
             "final_train_loss": self.last_train_loss, "final_val_loss": self.last_val_loss,
+            "teacher_flops_cached": totals.teacher_flops_cached,
+            **(self.models.teacher.summary() if self.models.teacher is not None else {}),
         }
+
+    def finish(self) -> None:
+        """After the last save: free the optimizer state, gradients, teacher and models, and
+        leave the process group, so that an evaluation of any length neither runs beside them
+        in memory nor keeps other processes waiting in a collective until it times out."""
+        self.accelerator.wait_for_everyone()
+        self.optimizer.state.clear()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_module.zero_grad(set_to_none=True)
+        self.models.teacher = None
+        self.accelerator.free_memory()
+        self.step_module = self.optimizer = self.models = None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
     def _reduce_max(self, value: int) -> int:
         tensor = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
@@ -294,25 +359,65 @@ def _progress(total: int, initial: int, enabled: bool):
                 dynamic_ncols=True)
 
 
-def train(config: Config, out_dir: str | Path, resume: bool = False) -> dict:
-    """Run one experiment into `out_dir`; returns (and writes) its summary.json."""
-    run_dir = Path(out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+def check_inputs(config: Config) -> None:
+    """Everything a run reads after training, checked before the models load."""
+    from essence.data.records import read_rows
+    from essence.eval.benchmarks import BENCHMARKS, load_benchmark
+    from essence.loading import looks_local
+
+    if config.data.source and looks_local(config.data.source):
+        read_rows(config.data.source)  # a missing, binary or unknown-format file fails here
+    for bench in config.eval.benches:
+        if bench.strip().lower() not in BENCHMARKS:  # a local file: read it now
+            load_benchmark(bench, limit=config.eval.limit)
+
+
+def train(config: Config, out_dir: str | Path, resume: bool = False,
+          overwrite: bool = False) -> dict:
+    """Run one experiment into `out_dir`; returns (and writes) its summary.json.
+
+    The folder is locked while the run writes; one holding another run's results is refused
+    unless resume (continue it) or overwrite (replace it) is set.
+    """
+    check_inputs(config)
+    # Only the main process owns the folder (RANK is set by accelerate/torchrun launches).
+    lock = (claim_run_dir(out_dir, resume=resume, overwrite=overwrite)
+            if int(os.environ.get("RANK", "0")) == 0 else None)
+    try:
+        return _train(config, Path(out_dir), resume)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: Config, run_dir: Path, resume: bool) -> dict:
     trainer = Trainer(config, run_dir, resume)
-    if trainer.is_main:
+    is_main = trainer.is_main
+    if is_main:
+        check_free_space(run_dir, checkpoint_bytes(trainer.models.student), "one checkpoint")
         save_config(config, run_dir / "config.yaml")
     summary = trainer.run()
-    if trainer.is_main and config.eval.benches:
-        from essence.eval.run import evaluate_with
-
-        summary["eval"] = evaluate_with(
-            config.eval, str(run_dir / "model"), list(config.eval.benches), run_dir / "eval",
-            seed=config.train.seed, chat_template=config.data.chat_template,
-        )
-    if trainer.is_main:
-        write_json_atomic(run_dir / "summary.json", summary)
-        print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
     trainer.log.close()
-    trainer.accelerator.wait_for_everyone()
+    if is_main:  # the training results land before evaluation, which may take hours or fail
+        write_json_atomic(run_dir / "summary.json", summary)
+    trainer.finish()
+    del trainer  # the student, optimizer state and teacher go before generation starts
+    if is_main and config.eval.benches:
+        summary["eval"] = evaluate_run(config, run_dir)
+        write_json_atomic(run_dir / "summary.json", summary)
+    if is_main:
+        print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
     return summary
 
+
+def evaluate_run(config: Config, run_dir: Path) -> dict:
+    """The config's end-of-run evaluation of the saved student (main process, no process group)."""
+    from essence.eval.run import evaluate_with
+
+    delay = float(os.environ.get(EVAL_DELAY_HOOK, "0") or 0)
+    if delay > 0:  # test hook: an evaluation longer than the collective timeout
+        time.sleep(delay)
+    return evaluate_with(
+        config.eval, str(run_dir / "model"), list(config.eval.benches), run_dir / "eval",
+        seed=config.train.seed, chat_template=config.data.chat_template,
+    )

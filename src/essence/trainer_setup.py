@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ from essence.compute import FlopModel, flop_model
 from essence.config import Config, TrainConfig
 from essence.errors import EssenceError
 from essence.loading import load_causal_lm, load_tokenizer, random_causal_lm, resolve
-from essence.teacher import OnlineTeacher, check_vocabularies
+from essence.teacher import CachedTeacher, OnlineTeacher, check_vocabularies
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -22,15 +23,18 @@ class Models:
     """The student being trained, the frozen teacher (or None), and their shared tokenizer."""
 
     student: torch.nn.Module
-    teacher: OnlineTeacher | None
+    teacher: OnlineTeacher | CachedTeacher | None
     tokenizer: object
     student_flops: FlopModel
     teacher_flops: FlopModel | None
+    teacher_cached: bool = False
+    """The teacher's targets come from a cache: its FLOPs are counted as saved, not spent."""
 
 
 def make_accelerator(config: TrainConfig):
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
 
     if config.cpu_threads is not None:
         torch.set_num_threads(config.cpu_threads)
@@ -38,7 +42,12 @@ def make_accelerator(config: TrainConfig):
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "no"
     # cpu=True lets several CPU processes (torchrun / accelerate launch) form a gloo group.
-    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    # Runs sharing one process (a sweep, the demo, tests) may differ in precision; accelerate
+    # keeps the first run's in a singleton unless told to forget it (the process group stays).
+    AcceleratorState._reset_state(reset_partial_state=False)
+    timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=config.collective_timeout_s))
+    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
+                              kwargs_handlers=[timeout])
     set_seed(config.seed, deterministic=not torch.cuda.is_available())
     # Deterministic kernels, but without filling every new tensor (a pure cost in our loop,
     # which never reads memory it did not write).
@@ -55,7 +64,8 @@ def _check_width(model, vocab: int, role: str) -> None:
         )
 
 
-def _teacher_tokenizer(spec: str):
+def _own_tokenizer(spec: str):
+    """The tokenizer shipped beside a model's weights, or None when there is none."""
     from transformers import AutoTokenizer
 
     try:
@@ -76,42 +86,58 @@ def build_models(config: Config, device: torch.device, checkpoint: Path | None) 
     if checkpoint is not None:
         student = load_causal_lm(str(checkpoint), dtype=student_dtype, role="student")
     elif m.student_init is not None:
-        student = random_causal_lm(m.student_init, vocab, config.train.seed, dtype=student_dtype)
+        student = random_causal_lm(m.student_init, vocab, config.train.seed, dtype=student_dtype,
+                                   device=device)
     elif m.student:
+        if m.tokenizer:  # the student's own tokenizer, if it ships one, must be the one we use
+            check_vocabularies(tokenizer, _own_tokenizer(m.student), m.student, role="student")
         student = load_causal_lm(m.student, dtype=student_dtype, role="student")
     else:
         raise EssenceError("set model.student (a path or hub id) or model.student_init")
     _check_width(student, vocab, "student")
     if m.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(student, "activation_checkpointing_enable"):  # the newer transformers name
+            student.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
     student.config.use_cache = False
     teacher = teacher_flops = None
-    if m.teacher or m.teacher_init:
+    if config.loss.kd_ratio > 0 and m.teacher_cache:  # targets read from disk, no teacher loaded
+        return Models(student, CachedTeacher(config, device), tokenizer, flop_model(student, vocab),
+                      None, teacher_cached=True)
+    # Plain fine-tuning (kd_ratio 0) never loads or runs a teacher, so none is charged.
+    if config.loss.kd_ratio > 0 and (m.teacher or m.teacher_init):
         teacher_dtype = DTYPES.get(m.teacher_dtype) or (
             torch.bfloat16 if device.type == "cuda" else torch.float32)
         if m.teacher_init is not None:
-            model = random_causal_lm(m.teacher_init, vocab, config.train.seed + 1, dtype=teacher_dtype)
+            model = random_causal_lm(m.teacher_init, vocab, config.train.seed + 1, dtype=teacher_dtype,
+                                     device=device)
         else:
-            check_vocabularies(tokenizer, _teacher_tokenizer(m.teacher), m.teacher)
+            check_vocabularies(tokenizer, _own_tokenizer(m.teacher), m.teacher, role="teacher")
             model = load_causal_lm(m.teacher, dtype=teacher_dtype, role="teacher")
         _check_width(model, vocab, "teacher")
-        teacher, teacher_flops = OnlineTeacher(model, device), flop_model(model)
+        teacher, teacher_flops = OnlineTeacher(model, device), flop_model(model, vocab)
     elif config.loss.kd_ratio > 0:
         raise EssenceError(
             f"loss.kd_ratio={config.loss.kd_ratio} needs a teacher: set model.teacher, "
             "or loss.kd_ratio=0 for plain fine-tuning"
         )
-    return Models(student, teacher, tokenizer, flop_model(student), teacher_flops)
+    return Models(student, teacher, tokenizer, flop_model(student, vocab), teacher_flops)
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig, total_steps: int):
-    """AdamW with linear warmup then cosine decay to min_lr_ratio × lr."""
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95),
-    )
+    """AdamW and its learning-rate schedule (train.schedule: cosine or one_cycle)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if config.weight_decay_scope == "all":
+        groups = [{"params": trainable, "weight_decay": config.weight_decay}]
+    else:
+        groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": config.weight_decay},
+                  {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
+    if config.schedule == "one_cycle":
+        return optimizer, _one_cycle(optimizer, config, total_steps)
     warmup = math.ceil(config.warmup_ratio * total_steps)
 
     def factor(step: int) -> float:
@@ -122,3 +148,17 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, total_steps: in
         return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _one_cycle(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
+    """torch's OneCycleLR with its defaults, as the paper's reference code configures it."""
+    # OneCycleLR divides by zero when its warmup phase is exactly one step long, and on the
+    # step after the last when warmup is the whole run.
+    if math.isclose(config.warmup_ratio * total_steps, 1.0) or config.warmup_ratio == 1.0:
+        raise EssenceError(
+            f"train.schedule=one_cycle with train.warmup_ratio={config.warmup_ratio} over "
+            f"{total_steps} steps makes torch's OneCycleLR divide by zero (a one-step or "
+            "whole-run warmup); choose another warmup_ratio"
+        )
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
+                                               pct_start=config.warmup_ratio)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import random
 from dataclasses import dataclass, field
+from typing import Literal
 
 from essence.data.batching import Example
 from essence.data.records import OnError, Record, Skipped, read_records
@@ -10,6 +13,7 @@ from essence.data.render import Rendered, render
 from essence.data.supervision import SupervisionConfig, supervise
 from essence.data.truncation import Kept, TruncationConfig, truncate
 from essence.errors import EssenceError
+from essence.fields import bounded
 
 
 @dataclass(frozen=True)
@@ -24,12 +28,27 @@ class DataConfig:
     """The hub dataset's split."""
     field_map: dict[str, str] = field(default_factory=dict)
     """Column names for other flat layouts: keys id, system, prompt, cot, answer."""
-    limit: int | None = None
-    """Read at most this many valid records (None: all)."""
-    val_fraction: float = 0.0
+    limit: int | None = bounded(None, ge=1)
+    """Train on this many records, chosen (per `selection`) after bad and over-long rows are
+    filtered out, as the reference keeps its first 8,000 traces under 4,096 tokens (None: all)."""
+    selection: Literal["head", "sample"] = "head"
+    """How `limit` chooses: head takes the first records in file order; sample takes a seeded
+    uniform sample (in the sampled order) of the records that pass the filters."""
+    selection_seed: int = 0
+    """Seed of selection: sample."""
+    system_prompt: str = "keep"
+    """keep: render each record's system prompt; drop: render none, as the reference does (a
+    template that adds its own default system text when none is given still adds it); any other
+    text replaces every record's system prompt."""
+    trailing_generation_prompt: bool = False
+    """Replication only: append the template's generation prompt after the assistant turn, as
+    the reference renders whole conversations with add_generation_prompt=True (3 more Qwen3
+    tokens at the end of each sequence, which then count in n for the LSP cut)."""
+    val_fraction: float = bounded(0.0, ge=0, lt=1)
     """Hold out this fraction of the records (at least one) for validation loss."""
-    max_length: int | None = None
-    """Rendered sequences longer than this are bad input (skipped or fatal per on_error)."""
+    max_length: int | None = bounded(32768, ge=1)
+    """Rendered sequences longer than this are bad input (skipped or fatal per on_error);
+    None: no limit (one huge row can then exhaust the memory of the whole run)."""
     on_error: OnError = "skip"
     """skip: report bad rows and carry on; fail: stop at the first bad row."""
     chat_template: str | None = None
@@ -70,17 +89,53 @@ def to_example(rendered: Rendered, kept: Kept, config: DataConfig) -> Example:
     )
 
 
+def with_system_prompt(record: Record, system_prompt: str) -> Record:
+    """The record with its system prompt kept, dropped or replaced (data.system_prompt)."""
+    if system_prompt == "keep":
+        return record
+    return dataclasses.replace(record, system=None if system_prompt == "drop" else system_prompt)
+
+
+def _check_protocol(record: Record, truncation: TruncationConfig) -> None:
+    """Refuse CoT-relative truncation on a record that has no chain of thought."""
+    if record.cot:
+        return
+    used = [n for n, on in (("cot_lead", truncation.cot_lead is not None),
+                            ("cut_after_think", truncation.cut_after_think)) if on]
+    if used:
+        raise EssenceError(
+            f"record {record.id!r} has no chain of thought (plain instruction data), so "
+            f"data.truncation.{used[0]} has nothing to cut; use lsp or window for such data"
+        )
+
+
+def _selection_order(n: int, config: DataConfig) -> list[int]:
+    """The order in which records are considered until `limit` of them pass the filters."""
+    order = list(range(n))
+    if config.selection == "sample" and config.limit is not None:
+        random.Random(config.selection_seed).shuffle(order)
+    return order
+
+
 def render_records(
     records: list[Record], tokenizer, config: DataConfig, source: str
 ) -> tuple[list[Rendered], list[Skipped]]:
-    """Render every record; over-long ones are bad input handled per on_error."""
+    """Render records (in selection order) until `limit` pass; over-long ones are bad input
+    handled per on_error, so the limit counts only records that are trained on."""
     from tqdm.auto import tqdm
 
     rendered, skipped = [], []
+    order = _selection_order(len(records), config)
+    wanted = len(records) if config.limit is None else min(config.limit, len(records))
     # Real datasets take a while to tokenize; tiny ones should stay quiet.
-    progress = tqdm(records, desc="render", unit="rec", disable=len(records) < 2000)
-    for index, record in enumerate(progress):
-        item = render(record, tokenizer, config.chat_template)
+    progress = tqdm(total=wanted, desc="render", unit="rec", disable=wanted < 2000)
+    for index in order:
+        if len(rendered) >= wanted:
+            break
+        record = with_system_prompt(records[index], config.system_prompt)
+        _check_protocol(record, config.truncation)
+        item = render(record, tokenizer, config.chat_template,
+                      trailing_generation_prompt=config.trailing_generation_prompt)
         n = len(item.input_ids)
         if config.max_length is not None and n > config.max_length:
             skip = Skipped(
@@ -92,6 +147,8 @@ def render_records(
             skipped.append(skip)
             continue
         rendered.append(item)
+        progress.update(1)
+    progress.close()
     return rendered, skipped
 
 
@@ -103,9 +160,13 @@ def prepare(config: DataConfig, tokenizer, records: list[Record] | None = None) 
             raise EssenceError("data.source is empty; set it to a data file or dataset name")
         result = read_records(
             config.source, field_map=config.field_map, on_error=config.on_error,
-            config=config.config, split=config.split, limit=config.limit,
+            config=config.config, split=config.split,  # limit applies after the filters
         )
         records, skipped = result.records, result.skipped
+        if not records:
+            why = (f"all {len(skipped)} rows were skipped, e.g. {skipped[0]}" if skipped
+                   else "it holds no rows")
+            raise EssenceError(f"no usable records in data.source {config.source}: {why}")
     rendered, too_long = render_records(records, tokenizer, config, config.source)
     kept = [truncate(r.spans, config.truncation) for r in rendered]
     examples = [to_example(r, k, config) for r, k in zip(rendered, kept)]

@@ -8,7 +8,13 @@ the columns of any other flat layout:
   ``<|begin_of_solution|>…<|end_of_solution|>`` (Bespoke-Stratos, OpenThoughts, Sky-T1);
 - chat ``messages: [{role, content}]`` whose assistant content holds ``<think>…</think>``
   or whose assistant message has a ``reasoning_content`` field (OpenR1-Math);
-- flat columns: prompt, reasoning (a string or a list of strings) and answer.
+- flat columns: prompt, reasoning (a string or a list of strings) and answer;
+- SYNTHETIC-1 ``prompt`` + ``llm_response`` and Nemotron ``input`` (messages) + ``output``,
+  whose response holds ``<think>…</think>`` inline;
+- plain instruction data with no chain of thought: a prompt (or ``instruction`` [+ ``input``])
+  with a ``response`` / ``output`` / ``completion`` column, a SYNTHETIC-1 or Nemotron response
+  without a think block, or a field_map naming prompt and answer but no cot. Such a record has
+  ``cot == ""``: the response is its answer segment.
 """
 
 from __future__ import annotations
@@ -21,10 +27,13 @@ from typing import Any, Iterator, Literal
 from essence.errors import EssenceError
 
 OnError = Literal["skip", "fail"]
+# A row longer than this is bad input, not a reason to read gigabytes into one string.
+MAX_ROW_BYTES = 64 * 2**20
 PROMPT_KEYS = ("problem", "question", "prompt")
 COT_KEYS = ("reasoning", "thinking", "deepseek_reasoning", "thinking_trajectories")
 ANSWER_KEYS = ("answer", "solution", "attempt", "deepseek_solution")
 ID_KEYS = ("id", "unique_id", "uuid")
+RESPONSE_KEYS = ("response", "output", "completion")
 FIELD_MAP_KEYS = ("id", "system", "prompt", "cot", "answer")
 THOUGHT = ("<|begin_of_thought|>", "<|end_of_thought|>")
 SOLUTION = ("<|begin_of_solution|>", "<|end_of_solution|>")
@@ -39,6 +48,7 @@ class Record:
     system: str | None
     prompt: str
     cot: str
+    """The chain of thought; "" for plain instruction data, which has none."""
     answer: str
     meta: dict = field(default_factory=dict)
 
@@ -65,7 +75,8 @@ class Skipped:
     def __str__(self) -> str:
         where = f"{self.source} row {self.row}"
         if self.record_id:
-            where += f" (id {self.record_id})"
+            shown = self.record_id if self.record_id.isprintable() else repr(self.record_id)
+            where += f" (id {shown[:60]}{'…' if len(shown) > 60 else ''})"
         what = f"field {self.field!r}: " if self.field else ""
         return f"{where}: {what}{self.reason}"
 
@@ -183,13 +194,68 @@ def _first_key(row: dict, keys: tuple[str, ...], role: str) -> str:
     raise RowError(role, f"missing: none of the columns {', '.join(keys)} is present")
 
 
-def _from_flat(row: dict, field_map: dict[str, str]) -> tuple[str | None, str, str, str]:
-    prompt_key = field_map.get("prompt") or _first_key(row, PROMPT_KEYS, "prompt")
-    cot_key = field_map.get("cot") or _first_key(row, COT_KEYS, "cot")
-    answer_key = field_map.get("answer") or _first_key(row, ANSWER_KEYS, "answer")
+def _from_flat(row: dict, field_map: dict[str, str]) -> tuple[str | None, str, str | None, str]:
     system_key = field_map.get("system", "system")
     system = _text(row, system_key) if row.get(system_key) else None
+    has_cot = field_map.get("cot") or any(k in row for k in COT_KEYS)
+    if not has_cot and "instruction" in row and not field_map.get("prompt"):
+        # Alpaca layout: the instruction, then its optional input, is the prompt.
+        extra = row.get("input")
+        prompt = _text(row, "instruction") + (f"\n\n{extra.strip()}" if isinstance(extra, str)
+                                              and extra.strip() else "")
+        return system, prompt, *_split_response(_text(row, _first_key(row, RESPONSE_KEYS,
+                                                                       "response")), "response")
+    prompt_key = field_map.get("prompt") or _first_key(row, PROMPT_KEYS, "prompt")
+    if not has_cot and (field_map.get("answer") or any(k in row for k in RESPONSE_KEYS)):
+        key = field_map.get("answer") or _first_key(row, RESPONSE_KEYS, "response")
+        return system, _text(row, prompt_key), *_split_response(_text(row, key), key)
+    cot_key = field_map.get("cot") or _first_key(row, COT_KEYS, "cot")
+    answer_key = field_map.get("answer") or _first_key(row, ANSWER_KEYS, "answer")
     return system, _text(row, prompt_key), _text(row, cot_key), _text(row, answer_key)
+
+
+def _split_response(text: str, where: str) -> tuple[str | None, str]:
+    """(cot, answer) of a response with its reasoning inline; cot None when there is none."""
+    think = _between(text, THINK, where)
+    if think is None:
+        return None, text
+    cot, answer = think
+    return (cot if cot.strip() else None), answer
+
+
+def _first_of(value: Any) -> Any:
+    """A column's value, or the first element of a one-per-row list of them."""
+    return value[0] if isinstance(value, list) and value else value
+
+
+def _from_synthetic1(row: dict) -> tuple[str | None, str, str | None, str]:
+    """SYNTHETIC-1 style: ``prompt`` and ``llm_response`` with ``<think>…</think>`` inline."""
+    prompt, response = _first_of(row.get("prompt")), _first_of(row.get("llm_response"))
+    for name, value in (("prompt", prompt), ("llm_response", response)):
+        if not isinstance(value, str) or not value.strip():
+            raise RowError(name, "is missing or not a non-empty string")
+    return (row.get("system") or None), prompt, *_split_response(response, "llm_response")
+
+
+def _from_nemotron(row: dict) -> tuple[str | None, str, str | None, str]:
+    """Nemotron style: ``input`` (chat messages or a string) and ``output`` (the response)."""
+    messages, output = row["input"], _first_of(row["output"])
+    if isinstance(messages, list) and messages and isinstance(messages[0], list):
+        messages = messages[0]
+    system = row.get("system_prompt") or row.get("system") or None
+    if isinstance(messages, str):
+        prompt = messages
+    elif isinstance(messages, list) and all(isinstance(m, dict) for m in messages):
+        users = [m.get("content") for m in messages if m.get("role") == "user"]
+        system = next((m.get("content") for m in messages if m.get("role") == "system"), system)
+        prompt = users[0] if users else None
+    else:
+        raise RowError("input", "is neither a string nor a list of chat messages")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise RowError("input", "has no user message with string content")
+    if not isinstance(output, str) or not output.strip():
+        raise RowError("output", "is missing or not a non-empty string")
+    return (system if isinstance(system, str) else None), prompt, *_split_response(output, "output")
 
 
 def row_to_record(row: Any, default_id: str, field_map: dict[str, str] | None = None) -> Record:
@@ -203,37 +269,108 @@ def row_to_record(row: Any, default_id: str, field_map: dict[str, str] | None = 
         parts = _from_conversations(row)
     elif "messages" in row:
         parts = _from_messages(row)
+    elif "llm_response" in row:
+        parts = _from_synthetic1(row)
+    elif "output" in row and "input" in row and "instruction" not in row:
+        parts = _from_nemotron(row)
     else:
         parts = _from_flat(row, field_map)
     system, prompt, cot, answer = parts
     id_key = field_map.get("id") or next((k for k in ID_KEYS if row.get(k) is not None), None)
     record_id = str(row[id_key]) if id_key and row.get(id_key) is not None else default_id
-    known = {"conversations", "messages", "system", *PROMPT_KEYS, *COT_KEYS, *ANSWER_KEYS}
+    known = {"conversations", "messages", "system", "system_prompt", "llm_response", "input",
+             "instruction", *PROMPT_KEYS, *COT_KEYS, *ANSWER_KEYS, *RESPONSE_KEYS}
     meta = {k: v for k, v in row.items() if k not in known and isinstance(v, (str, int, float))}
     return Record(
         id=record_id,
         system=system.strip() if isinstance(system, str) and system.strip() else None,
         prompt=_clean(prompt, "prompt"),
-        cot=_clean(cot, "cot"),
+        cot="" if cot is None else _clean(cot, "cot"),
         answer=_clean(answer, "answer"),
         meta=meta,
     )
 
 
+def _check_text_file(path: Path) -> None:
+    """Refuse a binary file given as JSON text (NUL bytes never occur in UTF-8 JSON)."""
+    with path.open("rb") as handle:
+        head = handle.read(8192)
+    if b"\x00" in head:
+        raise EssenceError(f"data file {path} is binary (NUL bytes in its first 8 KB), not "
+                           "UTF-8 JSON text; pass a .jsonl/.json file of rows, or a .parquet file")
+
+
+def _decode(raw: bytes, first: bool) -> str:
+    """A line of UTF-8 text (a leading byte-order mark dropped); UnicodeDecodeError otherwise."""
+    return raw.decode("utf-8-sig" if first else "utf-8")
+
+
+def _not_utf8(err: UnicodeDecodeError) -> str:
+    return (f"not UTF-8 text (byte 0x{err.object[err.start]:02x} at column {err.start + 1}); "
+            "re-save the file as UTF-8")
+
+
+LONE_SURROGATE = "holds a \\ud800-\\udfff escape that is not a character (half a pair)"
+
+
+def _has_lone_surrogate(text: str, row: Any) -> bool:
+    """Whether JSON `text` decoded to a string no tokenizer accepts (an unpaired surrogate)."""
+    if "\\ud" not in text.lower():
+        return False
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _lines(handle, limit: int) -> Iterator[tuple[bytes, bool]]:
+    """(line, complete) pairs; a line longer than `limit` bytes is skipped over, not kept."""
+    while True:
+        line = handle.readline(limit)
+        if not line:
+            return
+        if len(line) < limit or line.endswith(b"\n"):
+            yield line, True
+            continue
+        while line and not line.endswith(b"\n"):  # drain the rest of the oversized line
+            line = handle.readline(limit)
+        yield b"", False
+
+
 def _rows_jsonl(path: Path) -> Iterator[tuple[Any, str | None]]:
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
+    _check_text_file(path)
+    with path.open("rb") as handle:
+        for number, (raw, complete) in enumerate(_lines(handle, MAX_ROW_BYTES)):
+            if not complete:
+                yield None, f"row is longer than {MAX_ROW_BYTES // 2**20} MiB"
+                continue
+            try:
+                line = _decode(raw, first=number == 0)
+            except UnicodeDecodeError as err:
+                yield None, _not_utf8(err)
+                continue
             if not line.strip():
                 continue
             try:
-                yield json.loads(line), None
+                row = json.loads(line)
             except json.JSONDecodeError as err:
                 yield None, f"malformed JSON line ({err.msg} at column {err.colno})"
+            except RecursionError:
+                yield None, "JSON nested too deeply"
+            else:
+                yield (None, LONE_SURROGATE) if _has_lone_surrogate(line, row) else (row, None)
 
 
 def _rows_json(path: Path) -> Iterator[tuple[Any, str | None]]:
+    _check_text_file(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = _decode(path.read_bytes(), first=True)
+        data = json.loads(text)
+    except UnicodeDecodeError as err:
+        raise EssenceError(f"data file {path}: {_not_utf8(err)}") from None
+    except RecursionError:
+        raise EssenceError(f"{path}: JSON nested too deeply to read") from None
     except json.JSONDecodeError as err:
         raise EssenceError(f"{path}: not valid JSON ({err.msg}, line {err.lineno}); "
                            "a .json file must hold a list of row objects") from None
@@ -241,8 +378,10 @@ def _rows_json(path: Path) -> Iterator[tuple[Any, str | None]]:
         data = data["data"]
     if not isinstance(data, list):
         raise EssenceError(f"{path}: expected a JSON list of row objects")
+    escapes = "\\ud" in text.lower()  # only then can a row hold half a surrogate pair
     for row in data:
-        yield row, None
+        bad = escapes and _has_lone_surrogate("\\ud", row)
+        yield (None, LONE_SURROGATE) if bad else (row, None)
 
 
 def _rows_parquet(path: Path) -> Iterator[tuple[Any, str | None]]:
@@ -273,23 +412,32 @@ def _rows_hub(name: str, config: str | None, split: str) -> Iterator[tuple[Any, 
 
 def read_rows(source: str, config: str | None = None,
               split: str = "train") -> Iterator[tuple[Any, str | None]]:
-    """(row, parse error) pairs of a local file or hub dataset; errors for unreadable sources."""
-    path = Path(source)
+    """(row, parse error) pairs of a local file or hub dataset; errors for unreadable sources.
+
+    Anything that looks like a local path (see essence.loading.looks_local) is read from disk
+    and never sent to the hub.
+    """
+    from essence.loading import looks_local, near_data_suffix
+
+    if not looks_local(source):
+        return _rows_hub(source, config, split)
+    path = Path(source).expanduser()
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json", ".parquet"):
-        if not path.is_file():
-            raise EssenceError(f"data file {source} does not exist or is not a file")
-        try:
-            path.open("rb").close()
-        except OSError as err:
-            raise EssenceError(f"data file {source} cannot be read: {err.strerror}") from None
-        readers = {".jsonl": _rows_jsonl, ".json": _rows_json, ".parquet": _rows_parquet}
-        return readers[suffix](path)
-    if path.exists():
-        raise EssenceError(
-            f"data file {source}: unknown format; use .jsonl, .json or .parquet"
-        )
-    return _rows_hub(source, config, split)
+    if path.is_dir():
+        raise EssenceError(f"data file {source} is a folder; pass one .jsonl, .json or "
+                           ".parquet file")
+    if not path.exists():
+        near = near_data_suffix(source)
+        hint = f" (did you mean {near}?)" if near and near != suffix else ""
+        raise EssenceError(f"data file {source} does not exist{hint}; check the path")
+    readers = {".jsonl": _rows_jsonl, ".json": _rows_json, ".parquet": _rows_parquet}
+    if suffix not in readers:
+        raise EssenceError(f"data file {source}: unknown format; use .jsonl, .json or .parquet")
+    try:
+        path.open("rb").close()
+    except OSError as err:
+        raise EssenceError(f"data file {source} cannot be read: {err.strerror}") from None
+    return readers[suffix](path)
 
 
 def read_records(

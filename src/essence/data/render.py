@@ -6,13 +6,15 @@ Segment ownership of the template's own tokens (one rule, used everywhere):
   turn and the assistant header (the text ``add_generation_prompt=True`` appends).
 - **cot**: from the opening ``<think>`` tag through the reasoning text, the closing
   ``</think>`` tag and the blank line after it. The student must learn to open and close
-  its thinking, so those tags are CoT tokens.
+  its thinking, so those tags are CoT tokens. A record with no CoT (plain instruction data)
+  has an empty CoT segment, or the empty think block a template such as Qwen3's writes.
 - **answer**: the answer text and every token after it (the end-of-turn ``<|im_end|>`` and
   its newline), because the student must learn to stop.
 
 Spans come from character offsets of the rendered text (the tokenizer's offset mapping):
 a token belongs to the segment that contains its first character. No token-id pattern is
-ever searched for.
+ever searched for, and no segment's text either: each segment is located by rendering the
+record again with a sentinel in its place (see ``_segment_start``).
 """
 
 from __future__ import annotations
@@ -68,7 +70,13 @@ class Rendered:
 
 
 def assistant_content(record: Record) -> str:
-    """The assistant turn as training text: a think block with the CoT, then the answer."""
+    """The assistant turn as training text: a think block with the CoT, then the answer.
+
+    A record without a chain of thought (plain instruction data) is its answer alone; a
+    template that always writes a think block (Qwen3's) still adds an empty one.
+    """
+    if not record.cot:
+        return record.answer
     return f"{THINK_OPEN}\n{record.cot}\n{THINK_CLOSE}\n\n{record.answer}"
 
 
@@ -123,44 +131,77 @@ def generation_prompt(
     return _apply(tokenizer, messages_for(record, with_answer=False), template, generation=True)
 
 
-def _char_bounds(text: str, record: Record, header: str) -> tuple[int, int, int, int | None]:
-    """Character positions: prompt end, CoT text start, answer start, closing tag start."""
-    cursor = 0
-    if record.system:
-        found = text.find(record.system)
-        cursor = found + len(record.system) if found >= 0 else 0
-    prompt_at = text.find(record.prompt, cursor)
-    if prompt_at < 0:
+# Stands in for one segment's text while locating where the template puts that segment.
+_SENTINEL = "\u2063essence-segment-sentinel\u2063"
+
+
+def _segment_start(tokenizer, template: str, record: Record, text: str, field: str) -> int | None:
+    """Character offset of ``field``'s text in ``text`` (the full rendering of ``record``).
+
+    The record is rendered again with that field replaced by a sentinel: everything before the
+    field renders the same, so the sentinel's offset is the field's offset. Searching for the
+    text itself would find a short answer ("hi", "k") inside the closing ``</think>`` tag or a
+    system text "system" inside the role header. None when the template drops the field or
+    does not reproduce it verbatim.
+    """
+    import dataclasses
+
+    probe = _apply(tokenizer, messages_for(dataclasses.replace(record, **{field: _SENTINEL})),
+                   template, generation=False)
+    at = probe.find(_SENTINEL)
+    value = getattr(record, field)
+    if at < 0 or text[at:at + len(value)] != value:
+        return None
+    return at
+
+
+def _char_bounds(text: str, record: Record, header: str, tokenizer,
+                 template: str) -> tuple[int, int, int | None]:
+    """Character positions: prompt end, answer start, closing think tag start (or None)."""
+    prompt_at = _segment_start(tokenizer, template, record, text, "prompt")
+    if prompt_at is None:
         raise EssenceError(
             f"record {record.id!r}: the chat template does not reproduce the prompt text; "
             "pass a template that keeps message content verbatim (chat_template: chatml-think)"
         )
     cursor = prompt_at + len(record.prompt)
-    cot_at = text.find(record.cot, cursor)
-    if cot_at < 0:
-        raise EssenceError(
-            f"record {record.id!r}: the chat template drops the chain-of-thought from the "
-            "assistant turn (templates such as DeepSeek-R1-Distill's strip reasoning), so the "
-            "CoT would never be trained on; pass a reasoning-preserving template with "
-            "chat_template: chatml-think (built-in) or chat_template: path/to/template.jinja"
-        )
-    answer_at = text.find(record.answer, cot_at + len(record.cot))
-    if answer_at < 0:
+    cot_end = cursor
+    if record.cot:
+        cot_at = _segment_start(tokenizer, template, record, text, "cot")
+        if cot_at is None:
+            raise EssenceError(
+                f"record {record.id!r}: the chat template drops the chain-of-thought from the "
+                "assistant turn (templates such as DeepSeek-R1-Distill's strip reasoning), so the "
+                "CoT would never be trained on; pass a reasoning-preserving template with "
+                "chat_template: chatml-think (built-in) or chat_template: path/to/template.jinja"
+            )
+        cot_end = cot_at + len(record.cot)
+    answer_at = _segment_start(tokenizer, template, record, text, "answer")
+    if answer_at is None or answer_at < cot_end:
         raise EssenceError(
             f"record {record.id!r}: the chat template does not reproduce the answer after the "
             "chain-of-thought; pass a template that keeps the assistant content verbatim "
             "(chat_template: chatml-think)"
         )
-    prompt_end = len(header) if text.startswith(header) and len(header) <= cot_at else None
-    if prompt_end is None:
-        open_at = text.rfind(THINK_OPEN, cursor, cot_at)
-        prompt_end = open_at if open_at >= 0 else cot_at
-    close_at = text.find(THINK_CLOSE, cot_at + len(record.cot), answer_at)
-    return prompt_end, cot_at, answer_at, close_at if close_at >= 0 else None
+    if text.startswith(header) and cursor <= len(header) <= answer_at:
+        prompt_end = len(header)
+    else:  # the generation prompt is not a prefix: the think block (or the answer) starts it
+        open_at = text.rfind(THINK_OPEN, cursor, cot_end if record.cot else answer_at)
+        prompt_end = open_at if open_at >= 0 else (cot_end - len(record.cot) if record.cot
+                                                   else answer_at)
+    # Only template text lies between the CoT (or the prompt) and the answer.
+    close_at = text.find(THINK_CLOSE, max(cot_end, prompt_end), answer_at)
+    return prompt_end, answer_at, close_at if close_at >= 0 else None
 
 
-def render(record: Record, tokenizer, chat_template: str | None = None) -> Rendered:
-    """Render one record to token ids and exact segment spans."""
+def render(record: Record, tokenizer, chat_template: str | None = None, *,
+           trailing_generation_prompt: bool = False) -> Rendered:
+    """Render one record to token ids and exact segment spans.
+
+    trailing_generation_prompt appends the template's generation prompt after the assistant
+    turn (answer segment), as the paper's reference code renders the whole conversation with
+    add_generation_prompt=True; it only serves exact replication.
+    """
     if not getattr(tokenizer, "is_fast", False):
         raise EssenceError(
             "the tokenizer is not a fast (Rust) tokenizer, so it has no character offsets; "
@@ -169,7 +210,15 @@ def render(record: Record, tokenizer, chat_template: str | None = None) -> Rende
     template = resolve_template(tokenizer, chat_template)
     text = _apply(tokenizer, messages_for(record), template, generation=False)
     header = _apply(tokenizer, messages_for(record, with_answer=False), template, generation=True)
-    prompt_end, _, answer_at, close_at = _char_bounds(text, record, header)
+    prompt_end, answer_at, close_at = _char_bounds(text, record, header, tokenizer, template)
+    if trailing_generation_prompt:
+        extended = _apply(tokenizer, messages_for(record), template, generation=True)
+        if not extended.startswith(text):
+            raise EssenceError(
+                f"record {record.id!r}: with add_generation_prompt the chat template rewrites the "
+                "conversation instead of appending to it; set data.trailing_generation_prompt: false"
+            )
+        text = extended
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
     n_prompt = sum(1 for start, _ in offsets if start < prompt_end)

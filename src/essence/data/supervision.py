@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from essence.errors import EssenceError
+from essence.fields import bounded
 
 Segment = Literal["prompt", "cot", "answer"]
 SEGMENTS: tuple[Segment, ...] = ("prompt", "cot", "answer")
@@ -27,8 +28,11 @@ class SupervisionConfig:
     """Segments whose tokens carry the NLL (cross-entropy on the data) term."""
     kd: tuple[Segment, ...] = SEGMENTS
     """Segments whose tokens carry the KD (divergence from the teacher) term."""
-    random_drop: float = 0.0
+    random_drop: float = bounded(0.0, ge=0, lt=1)
     """Control: drop this fraction of the supervised tokens at random (seeded per record)."""
+    random_drop_mode: Literal["shared", "independent"] = "shared"
+    """shared: the same targets leave both terms, as in the paper's reference code (at 0.5 half
+    the targets get no supervision); independent: NLL and KD drop their own draws (a quarter)."""
     seed: int = 0
     """Seed of the random-drop control."""
 
@@ -75,6 +79,12 @@ def supervise(record_id: str, segment_ids: list[int], config: SupervisionConfig)
         # Seed from the record id, not the position, so the control is order-independent.
         digest = hashlib.sha256(f"{config.seed}:{record_id}".encode()).digest()
         seed = int.from_bytes(digest[:8], "little")
-        nll = _drop(nll, config.random_drop, random.Random(seed))
-        kd = _drop(kd, config.random_drop, random.Random(seed + 1))
+        if config.random_drop_mode == "shared":
+            # One draw over every target of either term, removed from both.
+            kept = _drop([a or b for a, b in zip(nll, kd)], config.random_drop, random.Random(seed))
+            nll = [a and k for a, k in zip(nll, kept)]
+            kd = [b and k for b, k in zip(kd, kept)]
+        else:
+            nll = _drop(nll, config.random_drop, random.Random(seed))
+            kd = _drop(kd, config.random_drop, random.Random(seed + 1))
     return Masks(segment_ids=segment_ids, nll=nll, kd=kd)

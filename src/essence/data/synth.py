@@ -17,10 +17,11 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from pathlib import Path
 
 from essence.errors import EssenceError
+from essence.io import write_text_atomic
+from essence.rundir import check_out_dir
 
 DEMO_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 """Appended to each problem (after a newline) in the user turn, in training and at evaluation."""
@@ -54,24 +55,17 @@ def generate(
 
 def write_jsonl(rows: list[dict], path: str | os.PathLike) -> None:
     """Write rows as JSON lines, atomically: readers see the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def synth_command(
     n: int, seed: int, out: str, steps: tuple[int, int] = DEFAULT_STEPS, digits: int = DEFAULT_DIGITS
 ) -> int:
     """`essence data synth`: generate ``n`` rows and write them to ``out``; returns the row count."""
+    path = Path(out)
+    if path.is_dir():
+        raise EssenceError(f"--out {out} is a folder; give a file name such as {path / 'synth.jsonl'}")
+    check_out_dir(path.parent, "--out", given=out)
     rows = generate(n, seed, steps=steps, digits=digits)
     write_jsonl(rows, out)
     return len(rows)

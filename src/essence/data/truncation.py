@@ -14,6 +14,7 @@ from typing import Literal
 
 from essence.data.render import Spans
 from essence.errors import EssenceError
+from essence.fields import bounded
 
 WindowPosition = Literal["left", "middle", "right"]
 
@@ -22,18 +23,19 @@ WindowPosition = Literal["left", "middle", "right"]
 class TruncationConfig:
     """How each sequence is cut before training. Set at most one protocol besides max_tokens."""
 
-    lsp: float = 1.0
+    lsp: float = bounded(1.0, gt=0, le=1)
     """Lead-span proportion: keep the first max(1, floor(n·lsp)) tokens; 1.0 keeps all."""
-    window: float | None = None
+    window: float | None = bounded(None, gt=0, le=1)
     """Keep a contiguous proportion of the sequence at window_position (None: off)."""
     window_position: WindowPosition = "left"
     """Where the window sits: left (start), middle (centre) or right (end)."""
-    cot_lead: float | None = None
+    cot_lead: float | None = bounded(None, ge=0, le=1)
     """Keep the prompt, the first floor(x·|CoT|) CoT tokens, the closing think tag and the
     whole answer (None: off)."""
     cut_after_think: bool = False
-    """End each sequence right after the closing think tag (drops the answer)."""
-    max_tokens: int | None = None
+    """End each sequence right after the closing think tag (drops the answer). Combines with lsp
+    or window, as in the reference code: cut first, then take the lead span (window) of the rest."""
+    max_tokens: int | None = bounded(None, ge=1)
     """Keep at most the first k tokens; applied after the protocol above (None: no cap)."""
 
     def __post_init__(self) -> None:
@@ -57,26 +59,29 @@ class TruncationConfig:
                 ("lsp", self.lsp < 1.0),
                 ("window", self.window is not None),
                 ("cot_lead", self.cot_lead is not None),
-                ("cut_after_think", self.cut_after_think),
             )
             if on
         ]
+        if self.cut_after_think and self.cot_lead is not None:
+            chosen.append("cut_after_think")
         if len(chosen) > 1:
             raise EssenceError(
                 f"data.truncation sets {' and '.join(chosen)}; choose one protocol "
-                "(max_tokens may be combined with any of them)"
+                "(max_tokens may be combined with any of them, cut_after_think with lsp or window)"
             )
 
     def label(self) -> str:
-        """A short name for reports, e.g. 'lsp=0.5' or 'window=0.5@middle'."""
+        """A short name for reports, e.g. 'lsp=0.5', 'window=0.5@middle' or 'cut_after_think,lsp=0.5'."""
         if self.window is not None:
             base = f"window={self.window:g}@{self.window_position}"
         elif self.cot_lead is not None:
             base = f"cot_lead={self.cot_lead:g}"
-        elif self.cut_after_think:
+        elif self.cut_after_think and self.lsp == 1.0:
             base = "cut_after_think"
         else:
             base = f"lsp={self.lsp:g}"
+        if self.cut_after_think and base != "cut_after_think":
+            base = f"cut_after_think,{base}"
         return base if self.max_tokens is None else f"{base},max_tokens={self.max_tokens}"
 
 
@@ -133,6 +138,9 @@ def window(n: int, x: float, position: WindowPosition) -> tuple[int, int]:
 def truncate(spans: Spans, config: TruncationConfig) -> Kept:
     """Apply the configured protocol (then the max_tokens cap) to one sequence."""
     n = spans.length
+    if config.cut_after_think:
+        # The reference cuts first; lsp / window then apply to what is left.
+        n = spans.think_end if spans.think_end is not None else spans.cot[1]
     if config.window is not None:
         ranges = [window(n, config.window, config.window_position)]
     elif config.cot_lead is not None:
@@ -141,9 +149,6 @@ def truncate(spans: Spans, config: TruncationConfig) -> Kept:
         # The closing tag stays, so the student still learns to end its thinking.
         tail = spans.think_close if spans.think_close is not None else spans.answer[0]
         ranges = [(0, lead_end), (max(lead_end, tail), spans.answer[1])]
-    elif config.cut_after_think:
-        end = spans.think_end if spans.think_end is not None else spans.cot[1]
-        ranges = [(0, end)]
     else:
         ranges = [(0, lead_span(n, config.lsp))]
     if config.max_tokens is not None:

@@ -68,7 +68,23 @@ def summarize(lines: list[dict], *, benchmark: str, model: str, seconds: float) 
         "truncated_frac": float(mean(t for line in lines for t in line["truncated"])),
         "grading_errors": sum(e is not None for line in lines for e in line["grading_errors"]),
         "time_s": round(seconds, 3),
+        **{f"by_{key}": _breakdown(lines, key) for key in BREAKDOWN_KEYS
+           if all(line.get("meta", {}).get(key) is not None for line in lines)},
     }
+
+
+BREAKDOWN_KEYS = ("subject", "level")
+"""Columns a benchmark's scores are also broken down by, when every problem has them (MATH-500)."""
+
+
+def _breakdown(lines: list[dict], key: str) -> dict[str, dict[str, Any]]:
+    """pass@1 and problem count per value of meta[key], in sorted order of the values."""
+    groups: dict[str, list[float]] = {}
+    for line in lines:
+        correct = line["correct"]
+        groups.setdefault(str(line["meta"][key]), []).append(sum(correct) / len(correct))
+    return {value: {"num_problems": len(scores), "pass@1": float(mean(scores))}
+            for value, scores in sorted(groups.items())}
 
 
 def write_results(out_dir: Path, summary: dict, lines: list[dict]) -> None:
@@ -113,5 +129,22 @@ def print_table(entries: list[dict]) -> None:
             f"{e['time_s']:.0f}s",
         )
     Console().print(table)
+    for name, e in zip(names, entries):
+        for key in BREAKDOWN_KEYS:
+            if f"by_{key}" in e:
+                Console().print(_breakdown_table(f"{name} by {key}", e[f"by_{key}"]))
+
+
+def _breakdown_table(title: str, groups: dict[str, dict[str, Any]]):
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table.add_column("group")
+    for column in ("probs", "pass@1"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for value, g in groups.items():
+        table.add_row(value, str(g["num_problems"]), f"{g['pass@1']:.3f}")
+    return table
 
 

@@ -21,6 +21,7 @@ from essence.eval.grading import grade_detail
 from essence.eval.prompting import DEFAULT_INSTRUCTION, build_prompt
 from essence.eval.results import details_line, print_table, summarize, write_results
 from essence.loading import load_causal_lm, load_tokenizer, resolve
+from essence.rundir import check_out_dir
 
 
 def evaluate(
@@ -57,6 +58,7 @@ def evaluate(
         n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
     )
     _check_request(settings, backend, benches, batch_size)
+    check_out_dir(out_dir)  # a read-only or mistyped --out fails now, not after generating
     # Files, tokenizer and prompts are all checked before the weights load, so a mistake
     # fails in seconds rather than after minutes of loading.
     problems = {bench: load_benchmark(bench, field_map=field_map, limit=limit) for bench in benches}
@@ -186,6 +188,9 @@ def _load_weights(path: str):
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def _check_model_path(name: str) -> None:
     path = Path(name).expanduser()
     if path.is_dir():
@@ -193,6 +198,11 @@ def _check_model_path(name: str) -> None:
             raise EssenceError(
                 f"model directory {name} has no config.json; point --model at a Hugging Face checkpoint "
                 "directory (config.json, weights and tokenizer files) or a hub id"
+            )
+        if not any((path / f).is_file() for f in TOKENIZER_FILES):
+            raise EssenceError(
+                f"model directory {name} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}); "
+                "copy them from the model it was trained from (tokenizer.save_pretrained)"
             )
     elif path.exists():
         raise EssenceError(

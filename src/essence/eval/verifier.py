@@ -27,13 +27,14 @@ from essence.errors import EssenceError
 _STARTUP_TIMEOUT_S = 60.0
 
 
-def check(answer: str, gold: str, timeout_s: float) -> tuple[bool, str | None]:
-    """Whether `answer` equals `gold` by math-verify; returns (equal, error or None).
+def grade(response: str, gold: str | None, timeout_s: float) -> tuple[bool, str | None, str | None]:
+    """math-verify's grading of `response` against `gold`: (equal, extracted, error or None).
 
-    Both are bare LaTeX (no `$`, no `\\boxed`). A timeout or a crash of math-verify counts as
-    not equal and is reported in the error string.
+    response: free text, parsed with math-verify's default extraction (the answer it finds);
+    gold: bare LaTeX (no `$`, no `\\boxed`), or None to extract only. A timeout or a crash of
+    math-verify counts as not equal and is reported in the error string.
     """
-    return _worker().check(answer, gold, timeout_s)
+    return _worker().grade(response, gold, timeout_s)
 
 
 class _Worker:
@@ -43,25 +44,26 @@ class _Worker:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[str] | None = None
 
-    def check(self, answer: str, gold: str, timeout_s: float) -> tuple[bool, str | None]:
+    def grade(self, response: str, gold: str | None,
+              timeout_s: float) -> tuple[bool, str | None, str | None]:
         with self._lock:
             proc = self._ensure_started()
             assert proc.stdin is not None and proc.stdout is not None
             try:
-                proc.stdin.write(json.dumps({"answer": answer, "gold": gold}) + "\n")
+                proc.stdin.write(json.dumps({"response": response, "gold": gold}) + "\n")
                 proc.stdin.flush()
             except (BrokenPipeError, OSError):
                 self._stop()
-                return False, "grading worker exited unexpectedly"
+                return False, None, "grading worker exited unexpectedly"
             line = _read_line(proc, timeout_s)
             if line is None:
                 self._stop()  # it may be stuck in C code: only killing it frees the CPU
-                return False, f"math-verify timed out after {timeout_s:g}s"
+                return False, None, f"math-verify timed out after {timeout_s:g}s"
             if not line:
                 self._stop()
-                return False, "grading worker exited unexpectedly"
+                return False, None, "grading worker exited unexpectedly"
             reply = json.loads(line)
-            return bool(reply["equal"]), reply["error"]
+            return bool(reply["equal"]), reply["extracted"], reply["error"]
 
     def _ensure_started(self) -> subprocess.Popen[str]:
         if self._proc is not None and self._proc.poll() is None:
@@ -132,18 +134,26 @@ def _worker() -> _Worker:
 # ---------------------------------------------------------------- the worker process side
 
 
-def _compare(answer: str, gold: str) -> tuple[bool, str | None]:
+def _extracted_text(parsed: list) -> str | None:
+    """The answer text math-verify extracted: its string fallback, else the parsed value."""
+    if not parsed:
+        return None
+    text = next((p for p in reversed(parsed) if isinstance(p, str)), None)
+    return text if text is not None else str(parsed[0])
+
+
+def _grade(response: str, gold: str | None) -> tuple[bool, str | None, str | None]:
     from math_verify import parse, verify
 
-    # Wrapping both sides in the same `$\boxed{...}$` makes math-verify read them the same way
-    # (LaTeX, the whole string as one answer) whatever the surrounding text looked like.
+    answer = parse(response, parsing_timeout=None)
+    extracted = _extracted_text(answer)
+    if gold is None or not answer:
+        return False, extracted, None
+    # A box around the gold makes math-verify read all of it as one answer.
     gold_parsed = parse(f"$\\boxed{{{gold}}}$", parsing_timeout=None)
     if not gold_parsed:
-        return False, f"math-verify could not parse the gold answer {gold!r}"
-    answer_parsed = parse(f"$\\boxed{{{answer}}}$", parsing_timeout=None)
-    if not answer_parsed:
-        return False, f"math-verify could not parse the answer {answer!r}"
-    return bool(verify(gold_parsed, answer_parsed, timeout_seconds=None)), None
+        return False, extracted, f"math-verify could not parse the gold answer {gold!r}"
+    return bool(verify(gold_parsed, answer, timeout_seconds=None)), extracted, None
 
 
 def _serve() -> None:
@@ -157,10 +167,10 @@ def _serve() -> None:
     for line in sys.stdin:
         request = json.loads(line)
         try:
-            equal, error = _compare(request["answer"], request["gold"])
+            equal, extracted, error = _grade(request["response"], request["gold"])
         except Exception as exc:  # any math-verify failure is a wrong answer, never a crash
-            equal, error = False, f"math-verify failed: {type(exc).__name__}: {exc}"
-        print(json.dumps({"equal": equal, "error": error}), flush=True)
+            equal, extracted, error = False, None, f"math-verify failed: {type(exc).__name__}: {exc}"
+        print(json.dumps({"equal": equal, "extracted": extracted, "error": error}), flush=True)
 
 
 if __name__ == "__main__":
