@@ -20,7 +20,7 @@
 #              plus status.txt (a line per case: name, ok / failed / skipped, seconds)
 #   PYTHON     the interpreter (default python3) with torch, transformers, accelerate, PyYAML
 #   WHEELS     a folder of wheels for what the machine lacks (default bench/wheels, filled by
-#              bench/fetch_gpu_wheels.sh: math-verify and its two dependencies, pytest)
+#              bench/fetch_gpu_wheels.sh: math-verify and its two dependencies, pytest, TRL)
 #   BUDGET_S   seconds after which remaining cases are skipped (default 300)
 #   REPEATS    interleaved rounds in the benches (default 1; lsp_scaling uses REPEATS + 1)
 set -uo pipefail
@@ -48,11 +48,16 @@ done
 need=()
 "$PY" -c "import math_verify" 2>/dev/null || need+=(math-verify latex2sympy2_extended antlr4-python3-runtime)
 "$PY" -c "import pytest" 2>/dev/null || need+=(pytest pluggy iniconfig)
+if [ "${SMALL:-0}" != 1 ]; then  # the TRL wheels are for the GPU image's Python 3.12
+  "$PY" -c "import trl.experimental.gkd" 2>/dev/null || need+=(trl datasets dill multiprocess)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   if [ -d "$WHEELS" ]; then
     say "installing ${need[*]} from $WHEELS"
-    "$PY" -m pip install -q --no-index --no-deps --find-links "$WHEELS" "${need[@]}" >&2 \
-      || say "could not install ${need[*]} from $WHEELS (the eval and test cases will fail)"
+    for pkg in "${need[@]}"; do  # one at a time: a missing wheel costs only its own case
+      "$PY" -m pip install -q --no-index --no-deps --find-links "$WHEELS" "$pkg" >&2 2>/dev/null \
+        || say "could not install $pkg from $WHEELS"
+    done
   else
     say "missing ${need[*]} and no $WHEELS (run bench/fetch_gpu_wheels.sh where pip works)"
   fi

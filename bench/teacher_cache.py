@@ -102,15 +102,17 @@ def kd_errors(student, teacher, tokenizer, args) -> list[dict]:
         value.backward()
         return float(value.detach()), z.grad
 
-    top, top_bytes = stored(CacheSettings(k=max(KS)))
+    # The cache stores p_T^τ at the experiment's τ: one top-128 cache per τ, narrowed to each k.
+    tops = {tau: stored(CacheSettings(k=max(KS), temperature=tau))[0] for tau in (1.0, 2.0)}
     out = []
     for kind, tau in [(d, 1.0) for d in DIVERGENCES] + [("forward_kl", 2.0)]:
         ref_value, ref_grad = dense(kind, tau)
+        top = tops[tau]
         for k in KS:
             t_ids, t_logp, t_tail = narrow_topk(torch.from_numpy(top.ids.astype(np.int64)),
                                                 torch.from_numpy(top.logp.astype(np.float32)),
                                                 torch.from_numpy(top.tail.copy()), k)
-            value, grad = sparse(SparseTargets(t_ids, t_logp, t_tail, None, vocab), kind, tau)
+            value, grad = sparse(SparseTargets(t_ids, t_logp, t_tail, None, tau), kind, tau)
             out.append({"divergence": kind, "tau": tau, "k": k, "mode": "topk",
                         "bytes_per_token": k * 4 + 4,
                         "value_rel_err": abs(value - ref_value) / abs(ref_value),
@@ -125,7 +127,7 @@ def kd_errors(student, teacher, tokenizer, args) -> list[dict]:
             value, grad = sparse(SparseTargets(
                 torch.from_numpy(targets.ids.astype(np.int64)),
                 torch.from_numpy(targets.logp.astype(np.float32)), None,
-                weights / weights.sum(1, keepdim=True), vocab), "forward_kl")
+                weights / weights.sum(1, keepdim=True), 1.0), "forward_kl")
             grads.append(grad)
             values.append(value)
         mean = torch.stack(grads).mean(0)

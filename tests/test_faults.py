@@ -148,7 +148,8 @@ def test_read_only_disk_and_torch_save_errors(fault, tokenizer_dir, data_file, t
     """torch.save reports a full disk as RuntimeError, not OSError; a read-only disk is EROFS."""
     run_dir = tmp_path / "run"
     monkeypatch.setenv("ESSENCE_FAULT", f"save-4-state={fault}")
-    with pytest.raises(EssenceError, match=r"could not write .*step-000004 .*step-000002 is intact"):
+    with pytest.raises(EssenceError,
+                       match=r"could not write .*step-000004 .*step-000002 is intact"):
         train(tiny_config(tokenizer_dir, data_file, *RUN), run_dir)
     assert verify(run_dir / "checkpoints" / "step-000002") is None
 

@@ -19,12 +19,14 @@ BAD = ["train.batch_size=0", "train.grad_accum=0", "train.lr=-1", "train.lr=.nan
 def test_a_bad_value_is_one_line_naming_the_key(override, tmp_path, capsys):
     code = main(["train", TINY, override, "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
-    key = override.split("=")[0].rsplit(".", 1)[0] if "params" in override else override.split("=")[0]
+    key = override.split("=")[0]
+    key = key.rsplit(".", 1)[0] if "params" in key else key  # loss.params={'alpha': 0.5}
     assert code == 2 and err.count("\n") == 1 and key in err, err
     assert not (tmp_path / "run").exists()
 
 
-def test_resume_with_another_batch_size_and_lsp_is_refused(tokenizer_dir, data_file, tmp_path):  # noqa: F811
+def test_resume_with_another_batch_size_and_lsp_is_refused(
+        tokenizer_dir, data_file, tmp_path):  # noqa: F811 (the imported fixtures)
     base = ["train.max_steps=2", "train.save_every=1"]
     train(tiny_config(tokenizer_dir, data_file, *base), tmp_path / "run")
     before = (tmp_path / "run" / "summary.json").read_bytes()

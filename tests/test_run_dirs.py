@@ -144,6 +144,16 @@ def test_a_bad_latest_pointer_is_ignored_with_a_notice(pointer, finished, tmp_pa
     assert len(notes) == 1 and "checkpoints/latest names" in notes[0]
 
 
+def test_a_checkpoint_from_before_manifests_is_used_with_a_notice(finished, tmp_path):
+    run = copy_of(finished, tmp_path)
+    (run / "checkpoints" / "step-000006" / MANIFEST).unlink()
+    checkpoint, notes = find_checkpoint(run)
+    assert checkpoint.name == "step-000006" and "unverified" in notes[0]
+    (run / "checkpoints" / "step-000006" / "trainer_state.pt").unlink()  # and incomplete: skipped
+    checkpoint, notes = find_checkpoint(run)
+    assert checkpoint.name == "step-000004" and f"{MANIFEST} is missing" in notes[0]
+
+
 def test_no_verified_checkpoint_refuses_to_start_over(finished, tokenizer_dir, data_file, tmp_path):
     run = copy_of(finished, tmp_path)
     for step in ("step-000004", "step-000006"):
@@ -216,7 +226,8 @@ def test_read_only_out(command, tokenizer_dir, data_file, finished, tmp_path, mo
     save_config(tiny_config(tokenizer_dir, data_file, "train.max_steps=1"), config_file)
     argv = {
         "train": ["train", config_file, "--out", tmp_path / "o"],
-        "eval": ["eval", "--model", finished / "model", "--bench", BENCHMARKS / "gsm8k_schema.jsonl",
+        "eval": ["eval", "--model", finished / "model", "--bench",
+                 BENCHMARKS / "gsm8k_schema.jsonl",
                  "--out", tmp_path / "o"],
         "report": ["report", finished.parent, "--out", tmp_path / "o"],
         "synth": ["data", "synth", "--n", "3", "--out", tmp_path / "o" / "s.jsonl"],

@@ -37,12 +37,12 @@ def written_out(q_s, q_t, kind, p):
     return kl(q_s, p["alpha"] * q_s + (1 - p["alpha"]) * q_t)
 
 
-def topk_targets(teacher_logits, k):
-    """Top-k ids, their log-probs at τ = 1 and the log of the remaining mass."""
-    logp = torch.log_softmax(teacher_logits.double(), -1)
+def topk_targets(teacher_logits, k, tau=1.0):
+    """Top-k ids, their log-probs at τ and the log of the remaining mass."""
+    logp = torch.log_softmax(teacher_logits.double() / tau, -1)
     top, ids = logp.topk(k, dim=-1)
     tail = torch.log1p(-top.exp().sum(-1).clamp(max=1.0))
-    return SparseTargets(ids, top.float(), tail.float(), None, teacher_logits.shape[-1])
+    return SparseTargets(ids, top.float(), tail.float(), None, tau)
 
 
 def fused_value_and_grad(z, targets, kind, tau):
@@ -59,11 +59,8 @@ def test_topk_buckets_match_the_written_formula(kind, tau):
     torch.manual_seed(0)
     n, vocab, k = 5, 40, 6
     z = torch.randn(n, vocab, dtype=torch.float64) * 2
-    # The k largest logits sit above an evenly spread tail (equal logits), where the tail's
-    # temperature rule is exact.
-    teacher = torch.full((n, vocab), -1.0)
-    teacher[:, :k] = torch.rand(n, k) * 4  # the tail keeps about a fifth of the mass
-    targets = topk_targets(teacher, k)
+    teacher = torch.randn(n, vocab) * 2
+    targets = topk_targets(teacher, k, tau)
 
     # The buckets, written out: student probabilities at τ on the k ids, 1 − their sum as tail;
     # the teacher tempered exactly from its full logits.
@@ -90,7 +87,7 @@ def test_k_equal_to_vocabulary_is_the_dense_loss(kind):
     n, vocab = 4, 12
     z = torch.randn(n, vocab) * 2
     teacher = torch.randn(n, vocab) * 2
-    targets = topk_targets(teacher, vocab)
+    targets = topk_targets(teacher, vocab, 1.5)
     assert torch.isinf(targets.tail).all() or (targets.tail < -15).all()
     z_ref = z.clone().requires_grad_(True)
     dense = divergence(z_ref, teacher, kind, temperature=1.5, **PARAMS[kind])
@@ -108,7 +105,7 @@ def test_empty_or_tiny_tails_give_no_nan(kind):
     ids = torch.tensor([[0, 1, 2, 3]] * 3)
     logp = torch.log_softmax(torch.tensor([[50.0, 0.0, -10.0, -20.0]] * 3), -1)
     tails = torch.tensor([-math.inf, -200.0, -1e-30])  # empty, tiny, and almost all the mass
-    targets = SparseTargets(ids, logp, tails, None, vocab)
+    targets = SparseTargets(ids, logp, tails, None, 1.0)
     value, grad = fused_value_and_grad(z, targets, kind, 1.0)
     assert torch.isfinite(value).all() and torch.isfinite(grad).all()
     assert (value >= -1e-6).all()
@@ -133,7 +130,7 @@ def test_sampled_forward_kl_is_unbiased_by_exact_enumeration():
         counts = torch.bincount(torch.tensor(draw), minlength=vocab)
         ids = torch.nonzero(counts).squeeze(1)
         targets = SparseTargets(ids[None], log_pt[ids][None].float(), None,
-                                (counts[ids].double() / m)[None].float(), vocab)
+                                (counts[ids].double() / m)[None].float(), tau)
         value, grad = fused_value_and_grad(z.float(), targets, "forward_kl", tau)
         mean_value += prob * float(value[0])
         mean_grad += prob * grad[0].double()
@@ -143,3 +140,32 @@ def test_sampled_forward_kl_is_unbiased_by_exact_enumeration():
     torch.testing.assert_close(mean_grad, dense_grad, rtol=1e-5, atol=1e-6)
     # And one draw alone is not the dense gradient (the estimator is noisy, not exact).
     assert not torch.allclose(grad[0].double(), dense_grad, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "js"])
+def test_fused_sparse_loss_equals_the_plain_one_and_refuses_another_temperature(kind):
+    """distill_loss_sums with sparse targets (chunked, analytic gradients) against the plain
+    autograd version; targets stored at one τ are refused by a loss at another."""
+    from essence.fused_loss import distill_loss_sums, naive_distill_loss_sums
+
+    torch.manual_seed(3)
+    n, hidden, vocab, k, tau = 11, 8, 30, 5, 2.0
+    h = torch.randn(n, hidden)
+    head = torch.randn(vocab, hidden)
+    labels = torch.randint(0, vocab, (n,))
+    nll_mask = torch.rand(n) > 0.3
+    kd_mask = torch.rand(n) > 0.3
+    targets = topk_targets(torch.randn(n, vocab) * 2, k, tau)
+    results = []
+    for loss in (distill_loss_sums, naive_distill_loss_sums):
+        hh, ww = h.clone().requires_grad_(True), head.clone().requires_grad_(True)
+        nll, kd = loss(hh, ww, None, None, labels, nll_mask, kd_mask, kind=kind, temperature=tau,
+                       chunk_size=4, sparse_teacher=targets)
+        (0.3 * nll + 0.7 * kd).backward()
+        results.append((nll.detach(), kd.detach(), hh.grad, ww.grad))
+    for fused, plain in zip(*results):
+        torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
+    assert results[0][1] > 0
+    with pytest.raises(ValueError, match="hold p_T at τ=2.0, the loss uses τ=1.0"):
+        distill_loss_sums(h, head, None, None, labels, nll_mask, kd_mask, kind=kind,
+                          sparse_teacher=targets)

@@ -80,7 +80,7 @@ class TorchTeacherPass:
         return RecordTargets(*cat)
 
     def _topk(self, logits: torch.Tensor):
-        logp = torch.log_softmax(logits, dim=-1)
+        logp = torch.log_softmax(logits / self.settings.temperature, dim=-1)
         top, ids = logp.topk(min(self.settings.k, logp.shape[1]), dim=-1)
         tail = torch.logsumexp(logp.scatter_(1, ids, -torch.inf), dim=-1)  # exact, −inf if empty
         return ids.cpu().numpy(), top.cpu().numpy(), tail.cpu().numpy(), None
@@ -227,7 +227,7 @@ def cache_settings(config, vocab: int) -> CacheSettings:
     k = min(m.teacher_cache_k, vocab) if m.teacher_cache_mode == "topk" else m.teacher_cache_k
     return CacheSettings(mode=m.teacher_cache_mode, k=k,
                          value_dtype=m.teacher_cache_dtype,
-                         temperature=config.loss.temperature if m.teacher_cache_mode == "sampled" else 1.0,
+                         temperature=config.loss.temperature,
                          seed=config.train.seed)
 
 

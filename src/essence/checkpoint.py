@@ -192,11 +192,22 @@ def find_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
             notes.append(f"checkpoints/latest names {name[:40]!r}, which is not a checkpoint "
                          "here; ignoring it")
     for step in sorted(steps, reverse=True):
-        problem = verify(steps[step])
+        folder = steps[step]
+        problem = verify(folder)
         if problem is None:
-            return steps[step], notes
-        notes.append(f"skipped {steps[step].name}: {problem}")
+            return folder, notes
+        if not (folder / MANIFEST).exists() and _complete_without_manifest(folder):
+            notes.append(f"{folder.name} has no {MANIFEST} (saved by an older essence); "
+                         "resuming from it unverified")
+            return folder, notes
+        notes.append(f"skipped {folder.name}: {problem}")
     return None, notes
+
+
+def _complete_without_manifest(folder: Path) -> bool:
+    """A checkpoint from before manifests: renamed into place complete, so trust its files."""
+    return all((folder / name).is_file() and (folder / name).stat().st_size > 0
+               for name in (STATE_FILE, "config.json")) and any(folder.glob("*.safetensors"))
 
 
 def load_trainer_state(checkpoint: Path) -> dict:

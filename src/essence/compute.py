@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from essence.data.batching import SEGMENT_SAMPLED
+
 
 @dataclass(frozen=True)
 class FlopModel:
@@ -53,6 +55,21 @@ class FlopModel:
     def train(self, lengths: list[int] | torch.Tensor,
               head_rows: list[int] | torch.Tensor | None = None) -> float:
         return 3.0 * self.forward(lengths, head_rows)
+
+    def generate(self, prompts: list[int], new: list[int]) -> float:
+        """Forward FLOPs of generating new[i] tokens after a prompt of prompts[i] tokens with a
+        KV cache: the prompt's prefill (the head on its last row only), then one row per further
+        token, whose attention reads the n cached keys and values of its context (4·L·d_attn·n,
+        the square's convention row by row). Padding costs nothing, as everywhere here."""
+        total = 0.0
+        for p, g in zip(prompts, new):
+            if g <= 0:
+                continue
+            total += self.forward([p], [1])
+            steps = g - 1  # the last token is sampled, never fed back
+            contexts = steps * p + steps * (steps + 1) // 2  # Σ (p + k), k = 1..steps
+            total += steps * (2 * self.params + 2 * self.head) + 4 * self.layers * self.attn_dim * contexts
+        return float(total)
 
     @property
     def total_params(self) -> int:
@@ -119,6 +136,18 @@ class Ledger:
     teacher_flops_cached: float = 0.0
     """What the online teacher would have cost for the targets a teacher cache served (not run,
     so not in teacher_flops; the cache's one-off pass is in its manifest)."""
+    # Sampled training text (essence.sampling): generation is forward-only work of its own;
+    # the teacher's forward over sampled tokens is its scoring, apart from teacher_flops.
+    continuation_tokens: int = 0
+    """Targets of the lead_then_student continuation term."""
+    generated_tokens: int = 0
+    generation_flops: float = 0.0
+    generation_s: float = 0.0
+    """Wall time spent generating, summed over processes."""
+    sampled_sequences: int = 0
+    teacher_scoring_flops: float = 0.0
+    """The teacher's forward FLOPs added by sampled tokens: its forward over each sequence minus
+    its forward over the same sequence without them."""
 
     def add(self, batch, student: FlopModel, teacher: FlopModel | None, cached: bool = False) -> None:
         """Count one micro-batch (lengths from its attention mask). teacher: the model that ran
@@ -128,13 +157,38 @@ class Ledger:
         real = batch.attention_mask[:, 1:].bool()
         nll = batch.nll_mask[:, 1:] & real
         kd = batch.kd_mask[:, 1:] & real if teacher is not None else torch.zeros_like(nll)
+        cont = (batch.continuation_mask[:, 1:] & real
+                if teacher is not None and batch.continuation_mask is not None
+                else torch.zeros_like(nll))
         self.sequences += len(lengths)
         self.student_tokens += int(sum(lengths))
         self.padding_tokens += batch.padding
         self.nll_tokens += int(nll.sum())
         self.kd_tokens += int(kd.sum())
-        self.student_flops += student.train(lengths, (nll | kd).sum(dim=1).tolist())
+        self.continuation_tokens += int(cont.sum())
+        self.student_flops += student.train(lengths, (nll | kd | cont).sum(dim=1).tolist())
+        scored = kd | cont
         if teacher is not None and cached:
-            self.teacher_flops_cached += teacher.forward(lengths, kd.sum(dim=1).tolist())
+            self.teacher_flops_cached += teacher.forward(lengths, scored.sum(dim=1).tolist())
         elif teacher is not None:
-            self.teacher_flops += teacher.forward(lengths, kd.sum(dim=1).tolist())
+            spent = teacher.forward(lengths, scored.sum(dim=1).tolist())
+            sampled = batch.segment_ids == SEGMENT_SAMPLED
+            if bool(sampled.any()):
+                given = (batch.attention_mask.bool() & ~sampled).sum(dim=1).tolist()
+                base = teacher.forward(given, (scored & ~sampled[:, 1:]).sum(dim=1).tolist())
+                self.teacher_flops += base
+                self.teacher_scoring_flops += spent - base
+            else:
+                self.teacher_flops += spent
+
+    def add_generation(self, tokens: int, flops: float, seconds: float, sequences: int) -> None:
+        """Count one step's generation (essence.sampling.GenerationCost) on this process."""
+        self.generated_tokens += tokens
+        self.generation_flops += flops
+        self.generation_s += seconds
+        self.sampled_sequences += sequences
+
+    @property
+    def total_flops(self) -> float:
+        """Everything that ran: student training, teacher forwards, scoring and generation."""
+        return self.student_flops + self.teacher_flops + self.teacher_scoring_flops + self.generation_flops

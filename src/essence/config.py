@@ -22,6 +22,7 @@ from essence.errors import EssenceError
 from essence.fields import bounded, check_value
 from essence.eval.prompting import DEFAULT_INSTRUCTION
 from essence.losses import Divergence
+from essence.sampling import SamplingConfig
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -324,6 +326,7 @@ def validate(config: Config) -> None:
         raise EssenceError("config model.student is empty: set a path or hub id "
                            "(or model.student_init for a random model)")
     _validate_teacher_cache(config)
+    _validate_sampling(config)
     if config.eval.benches and not config.train.save_checkpoints:
         raise EssenceError("config eval.benches evaluates the saved student, but "
                            "train.save_checkpoints=false saves none; drop one of the two")
@@ -354,6 +357,46 @@ def _validate_teacher_cache(config: Config) -> None:
         if m.teacher_cache_k > 255:
             raise EssenceError(f"config model.teacher_cache_k={m.teacher_cache_k}: sampled mode "
                                "stores counts in one byte; draw at most 255 tokens per position")
+
+
+def _validate_sampling(config: Config) -> None:
+    """The sampling block against the loss, the teacher and the truncation."""
+    s, m, t = config.sampling, config.model, config.data.truncation
+    if s.method == "none":
+        return
+    if config.loss.kd_ratio == 0 or m.teacher_cache or not (m.teacher or m.teacher_init):
+        raise EssenceError(
+            f"config sampling.method={s.method} needs an online teacher to score (or write) the "
+            "sampled text: set model.teacher and loss.kd_ratio > 0, without model.teacher_cache "
+            "(a cache holds the teacher's outputs for the dataset's traces only)")
+    if s.nll_on == "sample" and s.method != "sequence_level":
+        raise EssenceError(f"config sampling.nll_on=sample puts the NLL term on the teacher's text; "
+                           f"sampling.method={s.method} has none (set sequence_level, or nll_on: data)")
+    if s.method != "lead_then_student":
+        return
+    if config.loss.reduction == "sequence":
+        raise EssenceError("config sampling.method=lead_then_student adds a token-mean continuation "
+                           "term; loss.reduction=sequence is not supported with it (use token)")
+    try:
+        from essence.losses import divergence_params
+
+        divergence_params(s.divergence, continuation_params(s.divergence, dict(config.loss.params)))
+    except ValueError as err:
+        raise EssenceError(f"config sampling.divergence={s.divergence}: {err}") from None
+    lead = t.cot_lead is None and (t.window is None or t.window_position == "left")
+    cuts = t.lsp < 1 or t.window is not None or t.max_tokens is not None or t.cut_after_think
+    if not (lead and cuts):
+        raise EssenceError(
+            f"config sampling.method=lead_then_student continues each sequence from a lead-span cut, "
+            f"but data.truncation ({t.label()}) {'keeps no lead span' if not lead else 'cuts nothing'}; "
+            "set data.truncation.lsp < 1 (or a left window, max_tokens, cut_after_think)")
+
+
+def continuation_params(kind: str, params: dict[str, float]) -> dict[str, float]:
+    """The loss.params that the continuation's divergence takes (the rest belong to loss.divergence)."""
+    from essence.losses import divergence_params
+
+    return {k: v for k, v in params.items() if k in divergence_params(kind)}
 
 
 def to_dict(config: Config) -> dict:

@@ -38,5 +38,6 @@ def fault_point(name: str) -> None:
         if action == "erofs":
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), name)
         if action == "torch-enospc":
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 "
+                               "vs 598")
         raise ValueError(f"ESSENCE_FAULT: unknown action {action!r} in {item!r}")

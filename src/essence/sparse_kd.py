@@ -2,8 +2,8 @@
 
 A cached teacher (essence.teacher_cache) keeps, per target position, either
 
-- **top-k**: the k most likely token ids, their log-probabilities log p_T (at τ = 1) and the
-  log of the mass outside them ("tail"), or
+- **top-k**: the k most likely token ids, their log-probabilities log p_T^τ and the log of the
+  mass outside them ("tail"), or
 - **sampled**: the distinct ids of m tokens drawn from p_T^τ, their frequencies c/m and their
   teacher log-probabilities.
 
@@ -15,12 +15,13 @@ dense one. Coarsening loses information, so for forward KL the bucket value is a
 the dense KL (log-sum inequality); the gap is the part of the teacher's tail that differs from
 the student's tail *shape*, which bench/teacher_cache.py measures against k.
 
-Temperature. Top-k ids at τ are the top-k ids at τ = 1, and log p_T^τ of a kept id is
-log p_T / τ up to a constant that the renormalisation over the buckets removes: exact. The
-tail's mass at τ depends on how it is spread, which the cache does not keep; it is taken as if
-spread evenly over the V − k tail tokens: log tail_τ = tail / τ + (1 − 1/τ)·log(V − k), before
-renormalising. This is exact at τ = 1; for τ > 1 it overestimates the tail (an even spread is the
-most tail mass a given tail can have after softening; Jensen), for τ < 1 it underestimates it.
+Temperature. The cache stores p_T^τ at the experiment's τ (loss.temperature when it is built),
+and the loss must use that τ: targets stored at another τ are refused. The top-k ids are the same
+at every τ and their ratios follow exactly (log p_T / τ up to a constant), but the tail's mass at
+another τ depends on how the tail is spread, which the cache does not keep. The obvious model (an
+even spread over the V − k tail tokens: log tail_τ = tail/τ + (1 − 1/τ)·log(V − k)) was measured
+at τ = 2 on SmolLM2 and was 29–67 % off in gradient for k = 128…8 (bench/RESULTS.md), so no
+approximation is offered: a cache serves one temperature, exactly.
 
 Sampled, forward KL only. With ŵ = c/m, the estimate Σ ŵ (log p_T − log p_S) is unbiased for
 KL(p_T‖p_S) and its gradient p_S − ŵ is unbiased for p_S − p_T, whatever m (tests check this by
@@ -55,17 +56,17 @@ FLOOR = -1.0e4
 class SparseTargets:
     """Sparse teacher targets, one row per target position.
 
-    ids: [N, k] long token ids. logp: [N, k] fp32 teacher log-probabilities (top-k: at τ = 1;
-    sampled: at the cache's sampling temperature). tail: [N] fp32 log teacher mass outside ids
-    (top-k; −inf when empty), None when sampled. weights: [N, k] fp32 sample frequencies c/m
-    (0 on padding entries), None for top-k. vocab: the teacher's full vocabulary size V.
+    ids: [N, k] long token ids. logp: [N, k] fp32 teacher log-probabilities log p_T^τ. tail: [N]
+    fp32 log teacher mass outside ids (top-k; −inf when empty), None when sampled. weights:
+    [N, k] fp32 sample frequencies c/m (0 on padding entries), None for top-k. temperature: the
+    τ of p_T^τ the targets hold; the loss must use the same.
     """
 
     ids: Tensor
     logp: Tensor
     tail: Tensor | None
     weights: Tensor | None
-    vocab: int
+    temperature: float = 1.0
 
     @property
     def sampled(self) -> bool:
@@ -76,13 +77,13 @@ class SparseTargets:
         0..seq−2 that rows [batch·(seq−1)] bool selects, as the loss flattens a batch."""
         flat = lambda t: None if t is None else t[:, :-1].reshape(-1, *t.shape[2:])[rows]  # noqa: E731
         return SparseTargets(flat(self.ids), flat(self.logp), flat(self.tail), flat(self.weights),
-                             self.vocab)
+                             self.temperature)
 
     def rows(self, index: Tensor) -> "SparseTargets":
         """The targets of the rows `index` [c]."""
         pick = lambda t: None if t is None else t[index]  # noqa: E731
         return SparseTargets(self.ids[index], self.logp[index], pick(self.tail), pick(self.weights),
-                             self.vocab)
+                             self.temperature)
 
 
 def narrow_topk(ids: Tensor, logp: Tensor, tail: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -102,33 +103,23 @@ def check_sparse(targets: SparseTargets, kind: str, temperature: float, n: int, 
     if targets.ids.numel() and int(targets.ids.max()) >= width:
         raise ValueError(f"sparse teacher ids reach {int(targets.ids.max())}, outside the compared "
                          f"vocabulary of {width}")
+    if targets.temperature != temperature:
+        raise ValueError(f"the sparse teacher targets hold p_T at τ={targets.temperature}, the loss "
+                         f"uses τ={temperature}; build the cache at the loss's temperature")
     if targets.sampled and kind != "forward_kl":
         raise ValueError(f"sampled teacher targets give an unbiased estimate of forward_kl only, "
                          f"not {kind!r}; use a top-k cache for other divergences")
 
 
-def tail_at_temperature(tail: Tensor, outside: int, temperature: float) -> Tensor:
-    """The tail bucket's unnormalised log-mass at τ, from its log-mass at τ = 1 (even spread).
-
-    tail: [N] log P_tail at τ = 1; outside: V − k tokens in the tail. Exact at τ = 1.
-    """
-    if temperature == 1.0 or outside <= 0:
-        return tail
-    return tail / temperature + (1.0 - 1.0 / temperature) * math.log(outside)
-
-
-def teacher_buckets(targets: SparseTargets, temperature: float) -> Tensor:
-    """Teacher log-probs over the k + 1 buckets at τ, renormalised: [N, k+1] fp32."""
-    k = targets.ids.shape[1]
-    tail = tail_at_temperature(targets.tail.float(), targets.vocab - k, temperature)
-    logits = torch.cat([targets.logp.float() / temperature, tail[:, None]], dim=1)
-    return torch.log_softmax(logits, dim=1)
+def teacher_buckets(targets: SparseTargets) -> Tensor:
+    """Teacher log-probs over the k + 1 buckets, renormalised (fp16 storage rounds): [N, k+1]."""
+    return torch.log_softmax(torch.cat([targets.logp.float(), targets.tail.float()[:, None]], 1), 1)
 
 
 def _topk_divergence_and_grad(ls: Tensor, targets: SparseTargets, kind: str, params: dict[str, float],
                               temperature: float) -> tuple[Tensor, Tensor]:
     ids, k = targets.ids, targets.ids.shape[1]
-    lt = teacher_buckets(targets, temperature)
+    lt = teacher_buckets(targets)
     rest = ls.scatter(1, ids, -math.inf)                       # student log-probs of tail tokens
     l_tail = torch.logsumexp(rest, dim=1)                      # −inf when k = V
     ls_b = torch.cat([ls.gather(1, ids), l_tail[:, None]], dim=1)
@@ -183,6 +174,6 @@ def sparse_divergence(student_logits: Tensor, targets: SparseTargets, kind: str,
     else:  # no tail: a constant, so autograd never sees a log-sum-exp of nothing
         l_tail = ls.new_full((ls.shape[0], 1), -math.inf)
     ls_b = torch.cat([ls.gather(1, targets.ids), l_tail], dim=1)
-    lt = teacher_buckets(targets, temperature)
+    lt = teacher_buckets(targets)
     assert ls_b.shape[1] == k + 1
     return _divergence_values(ls_b.clamp(min=FLOOR), lt.clamp(min=FLOOR), kind, p) * temperature**2

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from essence.config import LossConfig
+from essence.config import LossConfig, continuation_params
 from essence.fused_loss import distill_loss_sums
+from essence.sharding import full_weight
 from essence.teacher import TeacherOutput
 
 
@@ -23,15 +24,21 @@ class LossSums:
 
     nll: torch.Tensor
     kd: torch.Tensor
+    continuation: torch.Tensor | None = None
+    """KD over a sampled continuation's targets (sampling.method lead_then_student), else None."""
 
 
 def targets(batch_ids: torch.Tensor, attention: torch.Tensor, nll_mask: torch.Tensor,
-            kd_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            kd_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Next-token labels and the two masks for positions 0..T-2 (each predicts t+1).
 
-    All: [batch, seq-1]; a position is masked out where its target is padding.
+    All: [batch, seq-1]; a position is masked out where its target is padding, or (packed rows,
+    position_ids given) where its target starts the next sequence.
     """
     real = attention[:, 1:].bool()
+    if position_ids is not None:
+        real = real & (position_ids[:, 1:] > 0)
     return batch_ids[:, 1:], nll_mask[:, 1:] & real, kd_mask[:, 1:] & real
 
 
@@ -43,7 +50,8 @@ def step_token_counts(batches, reduction: str = "token") -> tuple[int, int]:
     """
     nll = kd = 0
     for batch in batches:
-        _, n, k = targets(batch.input_ids, batch.attention_mask, batch.nll_mask, batch.kd_mask)
+        _, n, k = targets(batch.input_ids, batch.attention_mask, batch.nll_mask, batch.kd_mask,
+                          getattr(batch, "position_ids", None))
         if reduction == "sequence":
             n, k = n.any(1), k.any(1)
         nll += int(n.sum())
@@ -54,26 +62,42 @@ def step_token_counts(batches, reduction: str = "token") -> tuple[int, int]:
 class DistillStep(torch.nn.Module):
     """Wraps the student so that forward(batch tensors, teacher output) → loss sums."""
 
-    def __init__(self, student: torch.nn.Module, loss: LossConfig, vocab_size: int):
+    def __init__(self, student: torch.nn.Module, loss: LossConfig, vocab_size: int,
+                 continuation_divergence: str = "reverse_kl"):
         super().__init__()
         self.student = student
         self.loss = loss
         self.vocab_size = vocab_size
+        self.continuation_divergence = continuation_divergence
+
+    @property
+    def _no_split_modules(self):
+        """The student's decoder-layer classes: accelerate's FSDP2 makes each one a unit and leaves
+        the embeddings, final norm and LM head to this root unit (see essence.sharding)."""
+        return getattr(self.student, "_no_split_modules", None)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 nll_mask: torch.Tensor, kd_mask: torch.Tensor,
                 teacher: TeacherOutput | None = None,
-                weights: tuple[float, float] | None = None) -> LossSums:
+                weights: tuple[float, float] | None = None,
+                continuation_mask: torch.Tensor | None = None,
+                continuation_weight: float | None = None,
+                position_ids: torch.Tensor | None = None) -> LossSums:
         """Loss sums of one micro-batch; `weights` = the caller's (w_nll, w_kd) combination,
-        which lets the fused loss combine its two gradients per chunk."""
+        which lets the fused loss combine its two gradients per chunk (continuation_weight: the
+        same for the continuation term, whose targets continuation_mask [batch, seq] marks)."""
         body = self.student.get_decoder()
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask,
-                      use_cache=False).last_hidden_state
-        labels, nll, kd = targets(input_ids, attention_mask, nll_mask, kd_mask)
+        # position_ids: a packed row's positions, restarting at 0 for each sequence. With no 2-D
+        # mask transformers then builds a block-diagonal causal mask (or runs varlen flash
+        # attention where installed), so attention stays within each sequence.
+        hidden = body(input_ids=input_ids,
+                      attention_mask=attention_mask if position_ids is None else None,
+                      position_ids=position_ids, use_cache=False).last_hidden_state
+        labels, nll, kd = targets(input_ids, attention_mask, nll_mask, kd_mask, position_ids)
         if teacher is None or self.loss.kd_ratio == 0:
             kd = torch.zeros_like(kd)
         rows = (nll | kd).reshape(-1)
-        head = self.student.get_output_embeddings().weight
+        head = full_weight(self.student.get_output_embeddings().weight)  # whole under FSDP2 too
         sparse = teacher.sparse if teacher is not None else None  # a cached teacher's targets
         dense = teacher is not None and sparse is None
 
@@ -93,7 +117,22 @@ class DistillStep(torch.nn.Module):
 
         if self.loss.reduction == "sequence" and bool(rows.any()):
             return sequence_means(nll, kd, sums, weights)
-        return LossSums(*sums(rows, weights))
+        if continuation_mask is None:
+            return LossSums(*sums(rows, weights))
+        # lead_then_student: the lead's terms, then the continuation's KD with its own divergence.
+        out = LossSums(*sums(rows, None if weights == (0.0, 0.0) else weights))
+        cont = (continuation_mask[:, 1:] & attention_mask[:, 1:].bool()).reshape(-1)
+        if teacher is not None and bool(cont.any()):
+            flat = lambda t: t[:, :-1].reshape(-1, t.shape[-1])[cont]  # noqa: E731
+            w = None if not continuation_weight else (0.0, continuation_weight)
+            _, out.continuation = distill_loss_sums(
+                flat(hidden), head, flat(teacher.hidden), teacher.head, labels.reshape(-1)[cont],
+                torch.zeros_like(cont[cont]), torch.ones_like(cont[cont]),
+                kind=self.continuation_divergence, temperature=self.loss.temperature,
+                vocab_size=self.vocab_size, chunk_size=self.loss.chunk_size,
+                params=continuation_params(self.continuation_divergence, dict(self.loss.params)),
+                loss_weights=w)
+        return out
 
 
 def sequence_means(nll: torch.Tensor, kd: torch.Tensor, sums, weights) -> LossSums:
@@ -127,6 +166,20 @@ def loss_weights(n_nll: int, n_kd: int, kd_ratio: float) -> tuple[float, float]:
     return w_nll, w_kd
 
 
-def combine(sums: LossSums, weights: tuple[float, float]) -> torch.Tensor:
-    """The micro-batch's share of the step loss: w_nll·NLL_sum + w_kd·KD_sum."""
-    return sums.nll * weights[0] + sums.kd * weights[1]
+def continuation_count(batches) -> int:
+    """Continuation-term targets of the micro-batches of one optimizer step (this process)."""
+    return sum(int((b.continuation_mask[:, 1:] & b.attention_mask[:, 1:].bool()).sum())
+               for b in batches if b.continuation_mask is not None)
+
+
+def continuation_loss_weight(n_continuation: int, weight: float) -> float:
+    """w_cont so that w_cont·KD_continuation_sum = weight · mean continuation KD over the step."""
+    return weight / n_continuation if n_continuation else 0.0
+
+
+def combine(sums: LossSums, weights: tuple[float, float], w_continuation: float = 0.0) -> torch.Tensor:
+    """The micro-batch's share of the step loss: w_nll·NLL_sum + w_kd·KD_sum (+ w_cont·KD_cont_sum)."""
+    loss = sums.nll * weights[0] + sums.kd * weights[1]
+    if sums.continuation is not None:
+        loss = loss + sums.continuation * w_continuation
+    return loss

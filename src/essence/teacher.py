@@ -112,7 +112,8 @@ class CachedTeacher:
         wanted, have = cache_settings(self.config, reader.vocab), reader.settings
         if have.mode == "topk":
             self.k = min(wanted.k, have.k)
-            ok = wanted.mode == "topk" and (have.k >= wanted.k or have.k == reader.vocab)
+            ok = (wanted.mode == "topk" and (have.k >= wanted.k or have.k == reader.vocab)
+                  and have.temperature == wanted.temperature)
         else:
             self.k = have.k
             ok = wanted.mode == "sampled" and have.k == wanted.k and have.temperature == wanted.temperature
@@ -182,7 +183,7 @@ class CachedTeacher:
             extra[row, :n] = r_weights if sampled else r_tail
         move = lambda x: x.to(self.device)  # noqa: E731
         sparse = SparseTargets(move(ids), move(logp), None if sampled else move(extra),
-                               move(extra) if sampled else None, self.reader.vocab)
+                               move(extra) if sampled else None, self.reader.settings.temperature)
         return TeacherOutput(None, None, sparse)
 
     def flop_model(self):

@@ -14,8 +14,8 @@ Layout of a cache folder (built by essence.cache_build, `essence teacher cache`)
     DIR/shard-00000.json   that shard's index, written once the shard is complete
 
 One record's blob, rows = tokens − 1, little-endian:
-top-k:   ids [rows, k] (2 bytes when the vocabulary fits, else 3), log p_T [rows, k]
-         (float16 or float32, sorted descending, at τ = 1), log tail mass [rows] float32
+top-k:   ids [rows, k] (2 bytes when the vocabulary fits, else 3), log p_T^τ [rows, k]
+         (float16 or float32, sorted descending), log tail mass [rows] float32
 sampled: ids [rows, m], counts [rows, m] uint8 (0 = padding), log p_T^τ [rows, m]
 Bytes per target position: k·(2 + 2) + 4 at float16 with a vocabulary ≤ 65,536.
 """
@@ -50,7 +50,7 @@ class CacheSettings:
     """Top-k: ids kept per position. Sampled: tokens drawn per position (at most 255)."""
     value_dtype: ValueDtype = "float16"
     temperature: float = 1.0
-    """Sampled only: the τ of p_T^τ the tokens are drawn from (top-k is stored at τ = 1)."""
+    """The τ of p_T^τ stored (top-k) or drawn from (sampled): the experiment's loss.temperature."""
     seed: int = 0
     """Sampled only: seed of the draws (per record: seed and record ordinal)."""
 

@@ -31,7 +31,10 @@ from essence.errors import EssenceError
 from essence.faults import fault_point
 from essence.io import write_json_atomic
 from essence.rundir import check_free_space, claim_run_dir
-from essence.step import DistillStep, combine, loss_weights, step_token_counts
+from essence.step import (
+    DistillStep, combine, continuation_count, continuation_loss_weight, loss_weights,
+    step_token_counts,
+)
 from essence.trainer_setup import build_models, build_optimizer, make_accelerator
 from essence.tracking import MetricsLog
 
@@ -109,7 +112,9 @@ class Trainer:
         self.total_steps = max(1, math.ceil(self.steps_per_epoch * config.train.epochs))
         if config.train.max_steps is not None:
             self.total_steps = min(self.total_steps, config.train.max_steps)
-        step_module = DistillStep(self.models.student, config.loss, len(self.models.tokenizer))
+        self.sampler = self._build_sampler(prepared) if config.sampling.active else None
+        step_module = DistillStep(self.models.student, config.loss, len(self.models.tokenizer),
+                                  continuation_divergence=config.sampling.divergence)
         optimizer, self.scheduler = build_optimizer(self.models.student, config.train,
                                                     self.total_steps)
         # The scheduler stays unwrapped: accelerate would step it once per process.
@@ -168,37 +173,48 @@ class Trainer:
         return self.accelerator.reduce(tensor, reduction="sum").tolist()
 
     def teacher_output(self, batch: Batch):
-        """The teacher's targets for a batch, or None when the loss has no KD term."""
+        """The teacher's targets for a batch, or None when the loss has no KD term (or the batch
+        has no KD targets, as the dataset's NLL-only batch of a sampled step)."""
         if self.models.teacher is None or self.config.loss.kd_ratio == 0:
+            return None
+        cont = batch.continuation_mask
+        if not bool(batch.kd_mask.any()) and (cont is None or not bool(cont.any())):
             return None
         return self.models.teacher(batch.input_ids, batch.attention_mask, batch.record_ids)
 
     def optimizer_step(self, batches: list[Batch]) -> dict:
         """One optimizer step over this process's micro-batches; returns its metrics."""
+        batches, sampled = self._sample(batches)  # every generation before the first backward
         reduction = self.config.loss.reduction  # token counts, or sequence counts
-        n_nll, n_kd = (int(v) for v in self._reduce(list(step_token_counts(batches, reduction))))
+        counts = [*step_token_counts(batches, reduction), continuation_count(batches)]
+        n_nll, n_kd, n_cont = (int(v) for v in self._reduce(counts))
         kd_ratio = self.config.loss.kd_ratio
         weights = loss_weights(n_nll, n_kd, kd_ratio)
-        if weights == (0.0, 0.0):
+        w_cont = continuation_loss_weight(n_cont, self.config.sampling.continuation_weight)
+        if weights == (0.0, 0.0) and w_cont == 0.0:
             raise EssenceError(
                 f"step {self.step + 1} has no supervised tokens (records "
                 f"{[r for b in batches for r in b.record_ids][:8]}); check data.supervision "
                 "and data.truncation (an answer-only loss at a short LSP keeps no answer tokens)")
-        sums = torch.zeros(2, dtype=torch.float64)
+        sums = torch.zeros(3, dtype=torch.float64)
         for i, batch in enumerate(batches):
             batch = batch.to(self.accelerator.device)
             teacher = self.teacher_output(batch)
             sync = i == len(batches) - 1
+            extra = {} if batch.continuation_mask is None else {  # lead_then_student's third term
+                "continuation_mask": batch.continuation_mask, "continuation_weight": w_cont}
             with self.accelerator.no_sync(self.step_module) if not sync else _null():
                 out = self.step_module(batch.input_ids, batch.attention_mask, batch.nll_mask,
-                                       batch.kd_mask, teacher, weights)
+                                       batch.kd_mask, teacher, weights, **extra)
                 # DDP averages gradients over processes; our denominators are global sums.
-                loss = combine(out, weights) * self.world
+                loss = combine(out, weights, w_cont) * self.world
                 self.accelerator.backward(loss)
-            sums += torch.tensor([out.nll.item(), out.kd.item()], dtype=torch.float64)
-            self.ledger.add(batch, self.models.student_flops, self.models.teacher_flops,
+            cont = 0.0 if out.continuation is None else out.continuation.item()
+            sums += torch.tensor([out.nll.item(), out.kd.item(), cont], dtype=torch.float64)
+            self.ledger.add(batch, self.models.student_flops,
+                            self.models.teacher_flops if teacher is not None else None,
                             cached=self.models.teacher_cached)
-        nll_sum, kd_sum = self._reduce(sums.tolist())
+        nll_sum, kd_sum, cont_sum = self._reduce(sums.tolist())
         if not math.isfinite(nll_sum + kd_sum):
             ids = [r for b in batches for r in b.record_ids]
             raise EssenceError(
@@ -216,8 +232,44 @@ class Trainer:
         nll = nll_sum / max(n_nll, 1)
         kd = kd_sum / max(n_kd, 1)
         loss = (1 - kd_ratio) * nll + (kd_ratio * kd if n_kd else 0.0)
-        return {"loss": loss, "nll": nll, "kd": kd if n_kd else None, "grad_norm": grad_norm,
-                "lr": self.scheduler.get_last_lr()[0]}
+        metrics = {"loss": loss, "nll": nll, "kd": kd if n_kd else None, "grad_norm": grad_norm,
+                   "lr": self.scheduler.get_last_lr()[0]}
+        if self.sampler is not None:
+            cont = cont_sum / n_cont if n_cont else None
+            metrics.update(sampled=sampled, continuation_kd=cont)
+            if cont is not None:
+                metrics["loss"] = loss + self.config.sampling.continuation_weight * cont
+        return metrics
+
+    def _build_sampler(self, prepared):
+        """The sampler of sampling.method, with each record's whole prompt and full length."""
+        from essence.eval.generate import stop_token_ids
+        from essence.sampling import HFGenerator, Sampler
+
+        tokenizer = self.models.tokenizer
+        stops = stop_token_ids(tokenizer, getattr(self.models.student, "generation_config", None))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+        fsdp = self.accelerator.distributed_type.name == "FSDP"
+        generator = HFGenerator(self.config.sampling, stops, pad, synced_gpus=fsdp)
+        prompts = {r.record_id: r.input_ids[:r.spans.prompt[1]] for r in prepared.rendered}
+        lengths = {r.record_id: len(r.input_ids) for r in prepared.rendered}
+        return Sampler(self.config.sampling, self.config.loss.kd_ratio, prompts, lengths, pad,
+                       generator)
+
+    def _sample(self, batches: list[Batch]) -> tuple[list[Batch], bool]:
+        """The step's batches with sampled text when this step is drawn for sampling."""
+        from essence.sampling import generation_context, is_sampled_step
+
+        if self.sampler is None or not is_sampled_step(self.config.sampling, self.step):
+            return batches, False
+        teacher = self.models.teacher
+        fsdp = self.accelerator.distributed_type.name == "FSDP"
+        with generation_context(self.step_module, fsdp):
+            batches, cost = self.sampler.sample(
+                batches, self.step, self.accelerator.process_index, self.models.student,
+                getattr(teacher, "model", None), self.models.student_flops, self.models.teacher_flops)
+        self.ledger.add_generation(cost.tokens, cost.flops, cost.seconds, cost.sequences)
+        return batches, True
 
     @torch.no_grad()
     def validate(self) -> float | None:
@@ -310,7 +362,8 @@ class Trainer:
             "nll_tokens": int(totals.nll_tokens), "kd_tokens": int(totals.kd_tokens),
             "sequences": int(totals.sequences),
             "student_flops": totals.student_flops, "teacher_flops": totals.teacher_flops,
-            "total_flops": totals.student_flops + totals.teacher_flops,
+            "total_flops": totals.total_flops,
+            **self._sampling_summary(totals),
             "wall_time_s": self.elapsed, "time_per_step_s": self.elapsed / steps,
             "tokens_per_s": totals.student_tokens / max(self.elapsed, 1e-9),
             "peak_memory_bytes": peak,
@@ -324,6 +377,16 @@ class Trainer:
             "teacher_flops_cached": totals.teacher_flops_cached,
             **(self.models.teacher.summary() if self.models.teacher is not None else {}),
         }
+
+    def _sampling_summary(self, totals: Ledger) -> dict:
+        """What sampled text cost (all zero without sampling): generation apart from training."""
+        return {"sampling": self.config.sampling.method if self.config.sampling.active else "none",
+                "sampled_sequences": int(totals.sampled_sequences),
+                "generated_tokens": int(totals.generated_tokens),
+                "continuation_tokens": int(totals.continuation_tokens),
+                "generation_flops": totals.generation_flops,
+                "generation_time_s": totals.generation_s,
+                "teacher_scoring_flops": totals.teacher_scoring_flops}
 
     def finish(self) -> None:
         """After the last save: free the optimizer state, gradients, teacher and models, and

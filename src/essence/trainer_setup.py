@@ -13,6 +13,7 @@ from essence.compute import FlopModel, flop_model
 from essence.config import Config, TrainConfig
 from essence.errors import EssenceError
 from essence.loading import load_causal_lm, load_tokenizer, random_causal_lm, resolve
+from essence.sharding import enable_fsdp_on_cpu
 from essence.teacher import CachedTeacher, OnlineTeacher, check_vocabularies
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -48,6 +49,7 @@ def make_accelerator(config: TrainConfig):
     timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=config.collective_timeout_s))
     accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
                               kwargs_handlers=[timeout])
+    enable_fsdp_on_cpu(accelerator)  # an FSDP launch on CPU processes (the CPU tests)
     set_seed(config.seed, deterministic=not torch.cuda.is_available())
     # Deterministic kernels, but without filling every new tensor (a pure cost in our loop,
     # which never reads memory it did not write).

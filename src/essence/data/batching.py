@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 SEGMENT_PAD = 0
+SEGMENT_SAMPLED = 4  # generated during training (essence.sampling), not read from the data
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,9 @@ class Batch:
     """A padded micro-batch. Masks mark target tokens (see data.supervision).
 
     input_ids, attention_mask, segment_ids: [batch, seq] (segment 0 pad, 1 prompt, 2 cot,
-    3 answer); nll_mask, kd_mask: [batch, seq] bool; record_ids: one per row.
+    3 answer, 4 sampled); nll_mask, kd_mask: [batch, seq] bool; record_ids: one per row;
+    continuation_mask: [batch, seq] bool, the targets of a sampled continuation's own KD term
+    (sampling.method lead_then_student), else None.
     """
 
     input_ids: torch.Tensor
@@ -43,6 +46,7 @@ class Batch:
     kd_mask: torch.Tensor
     segment_ids: torch.Tensor
     record_ids: list[str]
+    continuation_mask: torch.Tensor | None = None
 
     @property
     def tokens(self) -> int:
@@ -58,6 +62,7 @@ class Batch:
         return Batch(
             move(self.input_ids), move(self.attention_mask), move(self.nll_mask),
             move(self.kd_mask), move(self.segment_ids), self.record_ids,
+            continuation_mask=None if self.continuation_mask is None else move(self.continuation_mask),
         )
 
 
