@@ -11,6 +11,8 @@
 #                  `--resume` to step 4, then `essence eval` (HF backend) of the saved student
 #   4 throughput   bench/throughput.py: essence vs TRL GKD (when installable) vs plain NLL
 #   5 lsp_scaling  bench/lsp_scaling.py: step time / memory / FLOPs at LSP 1.0 / 0.75 / 0.5 / 0.25
+#   6 sampling     bench/sampling_share.py: share of a step spent generating (lead_then_student,
+#                  on_policy; 256 new tokens after a 1,024-token trace at LSP 0.5; last, small)
 #
 #   bash bench/gpu_check.sh              # on a CUDA machine
 #   SMALL=1 bash bench/gpu_check.sh      # tiny models on the CPU (bf16 autocast too): checks the script
@@ -161,6 +163,10 @@ run_case throughput "$PY" bench/throughput.py "${BENCH[@]}" --seq-len "$SEQ" --b
 
 run_case lsp_scaling "$PY" bench/lsp_scaling.py "${BENCH[@]}" --lengths "$LENGTHS" --repeats "$((REPEATS + 1))" \
   --json "$OUT/lsp_scaling.json"
+
+SAMPLING=(--device "$DEVICE" --student "$STUDENT" --teacher "$TEACHER" --steps 2)
+[ "$DEVICE" = cpu ] && SAMPLING+=(--threads 1 --seq-len 256 --new-tokens 32) || SAMPLING+=(--seq-len 1024 --new-tokens 256)
+run_case sampling "$PY" bench/sampling_share.py "${SAMPLING[@]}" --json "$OUT/sampling_share.json"
 
 say "done in $(elapsed) s; results in $OUT"
 cat "$OUT/status.txt" >&2

@@ -1,23 +1,26 @@
-"""Build the embedded demo: a tokenizer, a teacher that solves the synthetic task, a weak base student.
+"""Build the embedded demo: a tokenizer, a teacher that solves the synthetic task, a base student.
 
 The three ship in src/essence/assets/demo/{teacher,student} (each folder holds its model and
 the same tokenizer) so that a newcomer can watch distillation work on a laptop CPU with
 nothing to download. Everything is seeded: the same command on the same machine rebuilds
 the same files.
 
-    python scripts/build_demo_models.py            # writes src/essence/assets/demo/
+    python scripts/build_demo_models.py                 # writes src/essence/assets/demo/
+    python scripts/build_demo_models.py --only student  # rebuild one model (same tokenizer)
 
-Run time: 8.2 minutes measured (1 CPU thread of a busy 2-core VM: teacher ~7, student ~1, rest
-grading), fp32; it prints its own at the end.
+The two models are made the way the paper's are:
 
-- teacher (4 layers x 128): trained on full traces (derivation, two checks, boxed answer)
-  until it solves held-out problems greedily;
-- base student (2 layers x 96): the same data, about a third of the tokens: it knows the
-  answer format (`<think>\\n...\\n</think>\\n\\nThe answer is \\boxed{N}.<|im_end|>`) and the
-  shape of the working, but its sums are often wrong — the teacher has much to teach it.
+- teacher (4 layers x 128): trained on complete traces of problems of every length up to the
+  demo's hardest, until it solves the demo's (harder) held-out problems greedily;
+- base student (2 layers x 96): made the way a base model is: trained on complete traces of
+  *easier* problems (fewer steps) until it solves those. It knows the whole format (open the
+  think block, work, re-check, close it, write the solution up, box the answer, stop) and
+  finishes its traces, but fails the harder problems the demo distils, as Qwen3-4B-Base
+  knows how to conclude a text long before it can solve competition math.
 
-Both are graded on the same 200 held-out problems (greedy, stop at <|im_end|>, last \\boxed{}
-integer, cross-checked with math-verify); the numbers go into the assets' README.md.
+Both are graded on the same 200 held-out hard problems, the student also on 200 easy ones
+(greedy, stop at <|im_end|>, last \\boxed{} integer, cross-checked with math-verify); the
+numbers go into the assets' README.md. It prints its own run time at the end.
 """
 
 from __future__ import annotations
@@ -35,12 +38,12 @@ from math_verify import parse, verify
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from essence.data.synth import DEFAULT_DIGITS, DEFAULT_STEPS, DEMO_INSTRUCTION, generate
+from essence.data.synth import DEFAULT_DIGITS, DEFAULT_STEPS, DEMO_INSTRUCTION, EASY_STEPS, generate
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 1234
 TOKENIZER_SEED, TRAIN_SEED, EVAL_SEED = 1, 2, 3
-STEPS, DIGITS = DEFAULT_STEPS, DEFAULT_DIGITS  # the synthetic task's difficulty
+STEPS, EASY, DIGITS = DEFAULT_STEPS, EASY_STEPS, DEFAULT_DIGITS  # the synthetic task's difficulty
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -57,13 +60,17 @@ class ModelSpec:
     hidden: int
     steps: int
     lr: float
-    batch: int = 32
+    batch: int
+    data: tuple[int, int]
+    """The range of problem steps it is trained on."""
 
 
-# Tiny models learn this task in optimizer steps more than in tokens: small batches pay.
-TEACHER = ModelSpec(layers=4, hidden=128, steps=4600, lr=2e-3, batch=4)  # ~3M tokens
-STUDENT = ModelSpec(layers=2, hidden=96, steps=1300, lr=2e-3, batch=4)  # ~0.85M tokens: format, weak sums
-TEACHER_MIN, STUDENT_RANGE = 0.95, (0.05, 0.30)  # held-out accuracy the build must reach
+TEACHER = ModelSpec(layers=4, hidden=128, steps=2400, lr=2e-3, batch=8, data=(1, STEPS[1]))
+STUDENT = ModelSpec(layers=3, hidden=96, steps=2500, lr=3e-3, batch=8, data=EASY)
+# What the build must reach on held-out problems: the teacher solves the hard ones; the base
+# student solves the easy ones, finishes (closes its think block, boxes an answer, stops) on
+# the hard ones, and solves few of them.
+TEACHER_MIN, STUDENT_EASY_MIN, STUDENT_FINISHED_MIN, STUDENT_HARD_MAX = 0.95, 0.80, 0.95, 0.35
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -82,7 +89,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    rows = generate(4000, TOKENIZER_SEED, steps=(1, 6), digits=DIGITS)
+    rows = generate(4000, TOKENIZER_SEED, steps=(1, STEPS[1] + 1), digits=DIGITS)
     texts = [m["content"] for r in rows for m in messages(r)] + ["user\n", "assistant\n"]
     tok.train_from_iterator(texts, trainer)
     # Not special: like Qwen3's, they survive decode(skip_special_tokens=True).
@@ -124,7 +131,7 @@ def new_model(spec: ModelSpec, tok) -> LlamaForCausalLM:
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=spec.hidden, intermediate_size=3 * spec.hidden,
         num_hidden_layers=spec.layers, num_attention_heads=spec.hidden // 32,
-        num_key_value_heads=spec.hidden // 32, max_position_embeddings=512, tie_word_embeddings=True,
+        num_key_value_heads=spec.hidden // 32, max_position_embeddings=1024, tie_word_embeddings=True,
         bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
     model = LlamaForCausalLM(config)
@@ -179,7 +186,13 @@ def train(model, spec: ModelSpec, examples, device: str, log_every: int = 100) -
 
 
 BOXED = re.compile(r"\\boxed\{(-?\d+)\}")
-WELL_FORMED = re.compile(r"<think>\n.*\n</think>\n\nThe answer is \\boxed\{\d+\}\.", re.S)
+FINISHED = re.compile(r"<think>\n.*\n</think>\n\n.*\\boxed\{\d+\}\.?<\|im_end\|>", re.S)
+MAX_NEW_TOKENS = 512  # the longest trace of the demo's problems is about 400 tokens
+
+
+def finished(completion: str) -> bool:
+    """It closed its think block, boxed an answer after it, and stopped (`completion` as decoded)."""
+    return "<|im_end|>" in completion and bool(FINISHED.match(completion.split("<|im_end|>")[0] + "<|im_end|>"))
 
 
 @dataclass
@@ -188,7 +201,7 @@ class Score:
 
     accuracy: float  # last \boxed{} integer equals the ground truth
     math_verify: float  # math-verify says the completion's answer equals the ground truth
-    well_formed: float  # <think>, working, </think>, then exactly "The answer is \boxed{N}."
+    finished: float  # <think>, working, </think>, an answer with a \boxed{N}, then <|im_end|>
     completions: list[str]
 
 
@@ -201,27 +214,37 @@ def evaluate(model, tok, rows: list[dict], device: str, batch: int = 100) -> Sco
         prompts = [tok.apply_chat_template(messages(r)[:1], tokenize=False, add_generation_prompt=True)
                    for r in rows[lo : lo + batch]]
         enc = tok(prompts, add_special_tokens=False, return_tensors="pt", padding=True).to(device)
-        gen = model.generate(**enc, max_new_tokens=320, do_sample=False)
+        gen = model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
         outs += [tok.decode(g, skip_special_tokens=False) for g in gen[:, enc["input_ids"].shape[1] :]]
     texts = [o.split("<|im_end|>")[0] for o in outs]
     truths = [r["meta"]["result"] for r in rows]
     regex = [bool(f := BOXED.findall(t)) and int(f[-1]) == y for t, y in zip(texts, truths)]
     by_mv = [bool(verify(parse(f"${y}$"), parse(t))) for t, y in zip(texts, truths)]
-    formed = [bool(WELL_FORMED.fullmatch(o.split("<|im_end|>")[0])) and "<|im_end|>" in o for o in outs]
+    done = [finished(o) for o in outs]
     n = len(rows)
-    return Score(sum(regex) / n, sum(by_mv) / n, sum(formed) / n, texts)
+    return Score(sum(regex) / n, sum(by_mv) / n, sum(done) / n, texts)
 
 
-def build_model(spec: ModelSpec, tok, examples, eval_rows, device: str) -> tuple[LlamaForCausalLM, Score]:
-    """Train one demo model from scratch and grade it on the held-out rows."""
+def build_model(spec: ModelSpec, tok, n_train: int, held_out: set[str], device: str) -> LlamaForCausalLM:
+    """Train one demo model from scratch on complete traces of problems with `spec.data` steps."""
+    rows = [r for r in generate(n_train, TRAIN_SEED, steps=spec.data, digits=DIGITS) if r["problem"] not in held_out]
+    examples = [encode(tok, r) for r in rows]
     torch.manual_seed(SEED)
     model = new_model(spec, tok)
-    print(f"{model.num_parameters():,} parameters, {spec.steps} steps of {spec.batch}", flush=True)
+    print(f"{model.num_parameters():,} parameters, {spec.steps} steps of {spec.batch} on {len(rows)} traces "
+          f"of {spec.data[0]}-{spec.data[1]}-step problems", flush=True)
     train(model, spec, examples, device)
-    score = evaluate(model, tok, eval_rows, device)
-    print(f"  held-out accuracy {score.accuracy:.1%} (math-verify {score.math_verify:.1%}, "
-          f"well-formed {score.well_formed:.1%})\n  e.g. {score.completions[0]!r}", flush=True)
-    return model.to("cpu"), score
+    return model
+
+
+def grade(name: str, model, tok, eval_sets: dict[str, list[dict]], device: str) -> dict[str, Score]:
+    """Score one model on each held-out set, printing a line per set."""
+    scores = {}
+    for label, rows in eval_sets.items():
+        s = scores[label] = evaluate(model, tok, rows, device)
+        print(f"  {name} on {label} problems: accuracy {s.accuracy:.1%} (math-verify {s.math_verify:.1%}), "
+              f"finished {s.finished:.1%}\n    e.g. {s.completions[0]!r}", flush=True)
+    return scores
 
 
 def save(model, tok, folder: Path) -> None:
@@ -238,39 +261,68 @@ def save(model, tok, folder: Path) -> None:
         f.chmod(0o644)  # safetensors writes owner-only files
 
 
-def write_readme(out: Path, tok, results: dict[str, tuple[ModelSpec, int, Score]], seconds: float) -> None:
+def targets_missed(results: dict[str, tuple[ModelSpec, int, dict[str, Score]]]) -> list[str]:
+    """What the built models fail of the targets above (empty when all are met)."""
+    missed = []
+    if "teacher" in results and (t := results["teacher"][2]["hard"].accuracy) < TEACHER_MIN:
+        missed.append(f"teacher solves {t:.1%} of the hard problems (want >= {TEACHER_MIN:.0%})")
+    if "student" in results:
+        s = results["student"][2]
+        if s["easy"].accuracy < STUDENT_EASY_MIN:
+            missed.append(f"student solves {s['easy'].accuracy:.1%} of the easy ones (want >= {STUDENT_EASY_MIN:.0%})")
+        if s["hard"].finished < STUDENT_FINISHED_MIN:
+            missed.append(f"student finishes {s['hard'].finished:.1%} of the hard ones "
+                          f"(want >= {STUDENT_FINISHED_MIN:.0%})")
+        if s["hard"].accuracy > STUDENT_HARD_MAX:
+            missed.append(f"student solves {s['hard'].accuracy:.1%} of the hard ones (want <= {STUDENT_HARD_MAX:.0%})")
+    return missed
+
+
+def write_readme(out: Path, tok, results: dict[str, tuple[ModelSpec, int, dict[str, Score]]],
+                 seconds: float) -> None:
     """The assets' README: what the two models are, how they were built, what they score."""
+    def pct(scores: dict[str, Score], label: str, field: str) -> str:
+        return f"{getattr(scores[label], field):.1%}" if label in scores else "–"
+
     rows = "\n".join(
-        f"| {name} | {spec.layers} | {spec.hidden} | {params:,} | {spec.steps} x {spec.batch} | {spec.lr:g} "
-        f"| {s.accuracy:.1%} | {s.math_verify:.1%} | {s.well_formed:.1%} |"
+        f"| {name} | {spec.layers} x {spec.hidden} | {params:,} | {spec.data[0]}-{spec.data[1]} "
+        f"| {spec.steps} x {spec.batch} | {spec.lr:g} | {pct(s, 'hard', 'accuracy')} "
+        f"| {pct(s, 'hard', 'math_verify')} | {pct(s, 'hard', 'finished')} | {pct(s, 'easy', 'accuracy')} "
+        f"| {pct(s, 'easy', 'finished')} |"
         for name, (spec, params, s) in results.items()
     )
     (out / "README.md").write_text(f"""# Embedded demo models
 
 Two small Llama causal LMs for `essence demo`, trained from scratch on the synthetic task
-`essence.data.synth` (seeded multi-step arithmetic word problems; `generate` defaults: steps
-{STEPS[0]}-{STEPS[1]}, digits {DIGITS}). They share one tokenizer: byte-level BPE, {len(tok)} tokens,
-one token per digit, ChatML chat template, `<think>`/`</think>` single tokens, eos `<|im_end|>`,
-pad `<|endoftext|>`. Training text: user turn = problem + "\\n" + DEMO_INSTRUCTION, assistant turn =
+`essence.data.synth` (seeded multi-step arithmetic word problems with long-CoT-shaped traces:
+the working, then varied re-checks, then a written-up solution ending in `\\boxed{{}}`). The demo
+distils *hard* problems ({STEPS[0]}-{STEPS[1]} steps, the `generate` default); *easy* ones have
+{EASY[0]}-{EASY[1]} steps. They share one tokenizer: byte-level BPE, {len(tok)} tokens, one token per
+digit, ChatML chat template, `<think>`/`</think>` single tokens, eos `<|im_end|>`, pad
+`<|endoftext|>`. Training text: user turn = problem + "\\n" + DEMO_INSTRUCTION, assistant turn =
 "<think>\\n" + reasoning + "\\n</think>\\n\\n" + answer; loss on the assistant turn only.
 
-- `teacher/`: trained until it solves the task.
-- `student/`: smaller, trained briefly on the same traces: it knows the answer format
-  (`...</think>\\n\\nThe answer is \\boxed{{N}}.<|im_end|>`) but gets the sums wrong, so
-  distilling the teacher into it has room to show.
+- `teacher/`: trained on problems of every length up to the hardest; it solves the hard ones.
+- `student/`: the base student, made the way a base model is made: trained to convergence on
+  complete traces of *easy* problems only. It knows the whole format and finishes its traces
+  (closes its think block, writes the solution up, boxes an answer, stops) on hard problems
+  too, but gets most of those wrong: the teacher has the hard problems to teach it, and a
+  fine-tune on lead spans need not teach it how to conclude.
 
-| model | layers | hidden | parameters | steps x batch | lr | held-out accuracy | math-verify | well-formed |
-| --- | --- | --- | --- | --- | --- | --- | --- | --- |
+| model | layers x hidden | parameters | trained on (steps) | steps x batch | lr | hard: accuracy | hard: math-verify | hard: finished | easy: accuracy | easy: finished |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
 {rows}
 
-Accuracy: greedy decoding of 200 held-out problems (`generate(200, seed={EVAL_SEED})`), stop at
-`<|im_end|>`, last `\\boxed{{}}` integer compared with the ground truth; math-verify: the same
-completions graded by math-verify; well-formed: `<think>\\n...\\n</think>\\n\\nThe answer is
-\\boxed{{N}}.<|im_end|>` exactly.
+Greedy decoding of 200 held-out problems of each kind (`generate(200, seed={EVAL_SEED}, steps=...)`,
+none of them in the training data), stop at `<|im_end|>` or {MAX_NEW_TOKENS} new tokens.
+Accuracy: the last `\\boxed{{}}` integer equals the ground truth; math-verify: the same completions
+graded by math-verify; finished: `<think>`, the working, `</think>`, an answer holding a
+`\\boxed{{N}}`, then `<|im_end|>`.
 
 Built by `python scripts/build_demo_models.py` (seed {SEED}; tokenizer data seed {TOKENIZER_SEED},
-training data seed {TRAIN_SEED}) in {seconds / 60:.1f} minutes on {torch.get_num_threads()} CPU thread(s), fp32, torch
-{torch.__version__}. The same command on the same machine rebuilds the same files.
+training data seed {TRAIN_SEED}) in {seconds / 60:.1f} minutes on {torch.get_num_threads()} CPU thread(s) of a
+shared 2-core machine, fp32, torch {torch.__version__}. The same command on the same machine
+rebuilds the same files.
 """)
 
 
@@ -280,34 +332,32 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="1 is fastest for models this small")
     ap.add_argument("--n-train", type=int, default=20000)
+    ap.add_argument("--only", choices=["teacher", "student"], help="build one model (no README)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
     out = Path(args.out)
     tok = build_tokenizer()
-    eval_rows = generate(200, EVAL_SEED, steps=STEPS, digits=DIGITS)
-    held_out = {r["problem"] for r in eval_rows}
-    train_rows = generate(args.n_train, TRAIN_SEED, steps=STEPS, digits=DIGITS)
-    train_rows = [r for r in train_rows if r["problem"] not in held_out]
-    print(f"tokenizer: {len(tok)} tokens; {len(train_rows)} training problems")
-    examples = [encode(tok, r) for r in train_rows]
+    eval_sets = {"hard": generate(200, EVAL_SEED, steps=STEPS, digits=DIGITS),
+                 "easy": generate(200, EVAL_SEED, steps=EASY, digits=DIGITS)}
+    held_out = {r["problem"] for rows in eval_sets.values() for r in rows}
+    print(f"tokenizer: {len(tok)} tokens")
     results = {}
     for name, spec in (("teacher", TEACHER), ("student", STUDENT)):
+        if args.only and name != args.only:
+            continue
         print(f"{name}:", end=" ")
-        model, score = build_model(spec, tok, examples, eval_rows, args.device)
-        results[name] = (spec, model.num_parameters(), score)
-        save(model, tok, out / name)
+        model = build_model(spec, tok, args.n_train, held_out, args.device)
+        sets = eval_sets if name == "student" else {"hard": eval_sets["hard"]}
+        results[name] = (spec, model.num_parameters(), grade(name, model, tok, sets, args.device))
+        save(model.to("cpu"), tok, out / name)
     seconds = time.time() - t0
-    write_readme(out, tok, results, seconds)
-    for name, (_, params, s) in results.items():
-        print(f"{name}: {params:,} parameters, held-out accuracy {s.accuracy:.1%} "
-              f"(math-verify {s.math_verify:.1%})")
+    if not args.only:
+        write_readme(out, tok, results, seconds)
     print(f"done in {seconds / 60:.1f} minutes; wrote {out}")
-    teacher, student = results["teacher"][2].accuracy, results["student"][2].accuracy
-    if teacher < TEACHER_MIN or not STUDENT_RANGE[0] <= student <= STUDENT_RANGE[1]:
-        raise SystemExit(f"targets missed: teacher {teacher:.1%} (want >= {TEACHER_MIN:.0%}), "
-                         f"student {student:.1%} (want {STUDENT_RANGE[0]:.0%}-{STUDENT_RANGE[1]:.0%}); "
-                         "change TEACHER / STUDENT")
+    if missed := targets_missed(results):
+        raise SystemExit("targets missed: " + "; ".join(missed) + "; change TEACHER / STUDENT")
+
 
 if __name__ == "__main__":
     main()

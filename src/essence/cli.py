@@ -68,7 +68,7 @@ def _data_synth(args: argparse.Namespace) -> int:
     from essence.data.synth import synth_command
 
     written = synth_command(args.n, args.seed, args.out, (args.min_steps, args.max_steps),
-                            args.digits)
+                            args.digits, (args.min_checks, args.max_checks), not args.no_writeup)
     print(f"wrote {written} records to {args.out}")
     return 0
 
@@ -130,6 +130,8 @@ def _add_data_source(parser: argparse.ArgumentParser) -> None:
 
 
 def _data_parsers(sub) -> None:
+    from essence.data.synth import DEFAULT_CHECKS, DEFAULT_STEPS  # light: no torch
+
     data = sub.add_parser("data", help="inspect, profile and generate training data")
     data_sub = data.add_subparsers(dest="data_command", required=True)
 
@@ -159,9 +161,12 @@ def _data_parsers(sub) -> None:
     synth = data_sub.add_parser("synth", help="write the synthetic arithmetic reasoning task")
     synth.add_argument("--n", type=int, default=1000)
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--min-steps", type=int, default=2)
-    synth.add_argument("--max-steps", type=int, default=4)
+    synth.add_argument("--min-steps", type=int, default=DEFAULT_STEPS[0])
+    synth.add_argument("--max-steps", type=int, default=DEFAULT_STEPS[1])
     synth.add_argument("--digits", type=int, default=1, help="digits per quantity")
+    synth.add_argument("--min-checks", type=int, default=DEFAULT_CHECKS[0], help="re-checks after the working")
+    synth.add_argument("--max-checks", type=int, default=DEFAULT_CHECKS[1])
+    synth.add_argument("--no-writeup", action="store_true", help="answer = the boxed line alone")
     synth.add_argument("--out", required=True)
     synth.set_defaults(func=_data_synth)
 

@@ -12,11 +12,29 @@ head), V · d is the LM head as the loss uses it (the compared vocabulary V, hid
 the number of layers and d_attn = heads × head_dim. The attention term counts the score and
 value products over the whole T × T square, as dense kernels do.
 
+Frozen weights (LoRA: the base model and the LM head) get no weight gradient, so the backward
+pass skips that half of their cost:
+
+    training      = 3 · forward  −  2 · P_frozen · T  −  2 · V · d · R · [head frozen]
+
+where P_body (in forward) includes the adapters' A and B matrices, P_frozen counts the body
+parameters that do not train, and the head term drops when the head is frozen. With rank-r
+adapters P_frozen ≈ P_body, so a LoRA step costs about 2/3 of a full fine-tuning step, not 3·forward
+(e.g. Qwen3-4B-Base, r = 16 on q_proj and v_proj: about 0.67×).
+
+Packed sequences (data.packing) count attention per sequence, Σ 4 · L · d_attn · T_i², what a
+variable-length kernel runs; the exact CPU path (a block-diagonal mask over the packed row)
+computes the whole square and masks it, which costs more than is counted.
+
 Accounting equals execution: the fused loss projects only the supervised rows through the
 student's head (R = NLL ∪ KD targets), the teacher's head sees only the KD rows, and a teacher
 that is not run (loss.kd_ratio = 0) is charged nothing. Recomputation by gradient
 checkpointing is not counted: these are model FLOPs, not hardware FLOPs. Every processed
 token counts in the body, supervised or not; padding does not.
+
+Sampled training text (essence.sampling) has its own lines: generation is forward-only work
+with a KV cache (``FlopModel.generate``), and the teacher's forward over sampled tokens is its
+scoring (``Ledger.teacher_scoring_flops``), apart from its forward over the dataset's tokens.
 """
 
 from __future__ import annotations
@@ -41,6 +59,10 @@ class FlopModel:
     """V · d: the LM-head weights one projected row multiplies by."""
     layers: int
     attn_dim: int
+    frozen: int = 0
+    """P_frozen: body parameters without a weight gradient (LoRA's base); 0 in full training."""
+    head_frozen: bool = False
+    """The LM head gets no weight gradient (LoRA)."""
 
     def forward(self, lengths: list[int] | torch.Tensor,
                 head_rows: list[int] | torch.Tensor | None = None) -> float:
@@ -54,7 +76,11 @@ class FlopModel:
 
     def train(self, lengths: list[int] | torch.Tensor,
               head_rows: list[int] | torch.Tensor | None = None) -> float:
-        return 3.0 * self.forward(lengths, head_rows)
+        """Forward + backward FLOPs; frozen weights skip their weight gradient (docstring)."""
+        tokens = sum(int(n) for n in lengths)
+        rows = tokens if head_rows is None else sum(int(r) for r in head_rows)
+        skipped = 2 * self.frozen * tokens + (2 * self.head * rows if self.head_frozen else 0)
+        return 3.0 * self.forward(lengths, head_rows) - float(skipped)
 
     def generate(self, prompts: list[int], new: list[int]) -> float:
         """Forward FLOPs of generating new[i] tokens after a prompt of prompts[i] tokens with a
@@ -83,12 +109,14 @@ def flop_model(model: torch.nn.Module, vocab: int | None = None) -> FlopModel:
     config = model.config
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
-    params = sum(p.numel() for p in model.parameters() if p is not embed and p is not head)
+    body = [p for p in model.parameters() if p is not embed and p is not head]
+    params = sum(p.numel() for p in body)
+    frozen = sum(p.numel() for p in body if not p.requires_grad)
     width = head.shape[0] if vocab is None else min(vocab, head.shape[0])
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return FlopModel(params=params, head=width * head.shape[1], layers=config.num_hidden_layers,
-                     attn_dim=heads * head_dim)
+                     attn_dim=heads * head_dim, frozen=frozen, head_frozen=not head.requires_grad)
 
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -153,8 +181,10 @@ class Ledger:
         """Count one micro-batch (lengths from its attention mask). teacher: the model that ran
         for this batch, or None when no teacher ran (then its KD targets are not trained);
         cached: its targets were read from a cache instead."""
-        lengths = batch.attention_mask.sum(dim=1).tolist()
+        lengths = batch.sequence_lengths()  # per sequence: a packed row holds several
         real = batch.attention_mask[:, 1:].bool()
+        if batch.position_ids is not None:  # no target crosses into the next packed sequence
+            real = real & (batch.position_ids[:, 1:] > 0)
         nll = batch.nll_mask[:, 1:] & real
         kd = batch.kd_mask[:, 1:] & real if teacher is not None else torch.zeros_like(nll)
         cont = (batch.continuation_mask[:, 1:] & real
@@ -166,12 +196,12 @@ class Ledger:
         self.nll_tokens += int(nll.sum())
         self.kd_tokens += int(kd.sum())
         self.continuation_tokens += int(cont.sum())
-        self.student_flops += student.train(lengths, (nll | kd | cont).sum(dim=1).tolist())
+        self.student_flops += student.train(lengths, batch.per_sequence(nll | kd | cont))
         scored = kd | cont
         if teacher is not None and cached:
-            self.teacher_flops_cached += teacher.forward(lengths, scored.sum(dim=1).tolist())
+            self.teacher_flops_cached += teacher.forward(lengths, batch.per_sequence(scored))
         elif teacher is not None:
-            spent = teacher.forward(lengths, scored.sum(dim=1).tolist())
+            spent = teacher.forward(lengths, batch.per_sequence(scored))
             sampled = batch.segment_ids == SEGMENT_SAMPLED
             if bool(sampled.any()):
                 given = (batch.attention_mask.bool() & ~sampled).sum(dim=1).tolist()

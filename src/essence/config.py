@@ -26,6 +26,22 @@ from essence.sampling import SamplingConfig
 
 
 @dataclass(frozen=True)
+class LoraSettings:
+    """Low-rank adapters on the student (peft): only the adapters train. Defaults as the
+    paper's reference code: rank 16, q_proj and v_proj, alpha = 2 × rank, no dropout."""
+
+    rank: int = bounded(16, ge=1)
+    """r: the adapters' rank."""
+    alpha: float | None = bounded(None, gt=0)
+    """Scale numerator (the update is alpha/r · B·A); None: 2 × rank, as the reference."""
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    """Names of the linear layers that get adapters (the LM head and embeddings cannot: the
+    fused loss reads the head's weight directly)."""
+    dropout: float = bounded(0.0, ge=0, lt=1)
+    """Dropout on the adapters' input."""
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The student, the teacher and the tokenizer they share."""
 
@@ -60,6 +76,9 @@ class ModelConfig:
     built once over whole sequences). Lead spans are the same either way."""
     gradient_checkpointing: bool = False
     """Recompute student activations in backward to save memory."""
+    lora: LoraSettings | None = None
+    """Train LoRA adapters instead of every weight (`lora: {}` for the defaults); checkpoints
+    hold the merged model (for eval) and the adapter (adapter/), None: full fine-tuning."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +163,14 @@ class TrainConfig:
     run fails; raise it when a checkpoint save on a slow disk takes longer."""
     cpu_threads: int | None = bounded(None, ge=1)
     """torch CPU threads (None: torch's default). Tiny models run fastest on 1."""
+    optimizer: Literal["adamw", "adamw_schedulefree"] = "adamw"
+    """adamw: torch AdamW with train.schedule. adamw_schedulefree: schedule-free AdamW (the
+    `schedulefree` package, pip install 'essence[scale]'), as the reference offers: no learning-rate
+    schedule (its own linear warmup over warmup_ratio of the steps, then lr); the weights it
+    validates, saves and evaluates are its averaged evaluation weights. Refuses schedule: one_cycle
+    and min_lr_ratio > 0, which it would not apply."""
+    compile: bool = False
+    """torch.compile the student (the fused loss stays eager)."""
 
     def __post_init__(self) -> None:
         if len(self.betas) != 2:
@@ -327,6 +354,7 @@ def validate(config: Config) -> None:
                            "(or model.student_init for a random model)")
     _validate_teacher_cache(config)
     _validate_sampling(config)
+    _validate_scale_out(config)
     if config.eval.benches and not config.train.save_checkpoints:
         raise EssenceError("config eval.benches evaluates the saved student, but "
                            "train.save_checkpoints=false saves none; drop one of the two")
@@ -359,6 +387,37 @@ def _validate_teacher_cache(config: Config) -> None:
                                "stores counts in one byte; draw at most 255 tokens per position")
 
 
+def _validate_scale_out(config: Config) -> None:
+    """LoRA, packing and the schedule-free optimizer against the rest of the config."""
+    lora, t = config.model.lora, config.train
+    if lora is not None:
+        if not lora.target_modules:
+            raise EssenceError("config model.lora.target_modules is empty; name the layers that get "
+                               "adapters, e.g. [q_proj, v_proj]")
+        bad = [n for n in lora.target_modules if n in ("lm_head", "embed_tokens")]
+        if bad:
+            raise EssenceError(f"config model.lora.target_modules names {bad}: the fused loss reads "
+                               "the LM head's weight directly, so the head and the embeddings stay "
+                               "frozen and unadapted; adapt the body's linear layers only")
+    if t.optimizer == "adamw_schedulefree":
+        if t.schedule == "one_cycle":
+            raise EssenceError("config train.optimizer=adamw_schedulefree has its own schedule; "
+                               "train.schedule=one_cycle would fight it — use the default schedule")
+        if t.min_lr_ratio > 0:
+            raise EssenceError(f"config train.min_lr_ratio={t.min_lr_ratio} sets a cosine decay, "
+                               "which train.optimizer=adamw_schedulefree does not use; set it to 0")
+    if config.data.packing:
+        if config.loss.reduction == "sequence":
+            raise EssenceError("config data.packing puts several sequences in one row; "
+                               "loss.reduction=sequence averages per row, so use token (or no packing)")
+        if config.model.teacher_cache:
+            raise EssenceError("config data.packing is not supported with model.teacher_cache (the "
+                               "cache serves one sequence per row); drop one of the two")
+        if config.sampling.method != "none":
+            raise EssenceError(f"config data.packing is not supported with sampling.method="
+                               f"{config.sampling.method}; drop one of the two")
+
+
 def _validate_sampling(config: Config) -> None:
     """The sampling block against the loss, the teacher and the truncation."""
     s, m, t = config.sampling, config.model, config.data.truncation
@@ -380,9 +439,9 @@ def _validate_sampling(config: Config) -> None:
     try:
         from essence.losses import divergence_params
 
-        divergence_params(s.divergence, continuation_params(s.divergence, dict(config.loss.params)))
+        divergence_params(s.divergence, dict(s.params))
     except ValueError as err:
-        raise EssenceError(f"config sampling.divergence={s.divergence}: {err}") from None
+        raise EssenceError(f"config sampling.params={dict(s.params)}: {err}") from None
     lead = t.cot_lead is None and (t.window is None or t.window_position == "left")
     cuts = t.lsp < 1 or t.window is not None or t.max_tokens is not None or t.cut_after_think
     if not (lead and cuts):
@@ -390,13 +449,6 @@ def _validate_sampling(config: Config) -> None:
             f"config sampling.method=lead_then_student continues each sequence from a lead-span cut, "
             f"but data.truncation ({t.label()}) {'keeps no lead span' if not lead else 'cuts nothing'}; "
             "set data.truncation.lsp < 1 (or a left window, max_tokens, cut_after_think)")
-
-
-def continuation_params(kind: str, params: dict[str, float]) -> dict[str, float]:
-    """The loss.params that the continuation's divergence takes (the rest belong to loss.divergence)."""
-    from essence.losses import divergence_params
-
-    return {k: v for k, v in params.items() if k in divergence_params(kind)}
 
 
 def to_dict(config: Config) -> dict:

@@ -22,7 +22,21 @@ COLUMNS = ("run", "truncation", "lsp", "accuracy", "retention_pct", "student_tok
            "flops_saving_pct", "time_saving_pct", "memory_saving_pct")
 
 
-HEADERS = {"run": "run", "truncation": "trunc", "lsp": "LSP", "accuracy": "acc",
+SAMPLING_COLUMNS = {"truncation": ("sampling",),
+                    "wall_time_s": ("generation_flops", "generation_time_s")}
+"""Shown after the key column when a run trained on sampled text (essence.sampling): what its
+generation cost, apart from (and included in) the run's total FLOPs and time."""
+
+
+def columns(rows: list[dict]) -> tuple[str, ...]:
+    """The report's columns: COLUMNS, with the sampling ones when any run sampled."""
+    if not any(r.get("sampling") not in (None, "none") for r in rows):
+        return COLUMNS
+    return tuple(c for column in COLUMNS for c in (column, *SAMPLING_COLUMNS.get(column, ())))
+
+
+HEADERS = {"sampling": "sampling", "generation_flops": "gen FLOPs", "generation_time_s": "gen time",
+           "run": "run", "truncation": "trunc", "lsp": "LSP", "accuracy": "acc",
            "retention_pct": "retain", "student_tokens": "tokens", "total_flops": "FLOPs",
            "wall_time_s": "time", "peak_memory_bytes": "memory", "token_saving_pct": "-tok",
            "flops_saving_pct": "-FLOPs", "time_saving_pct": "-time", "memory_saving_pct": "-mem"}
@@ -88,6 +102,8 @@ def collect(runs_dir: Path, baseline: str | None = None) -> list[dict]:
             "student_tokens": summary.get("student_tokens"), "total_flops": summary.get("total_flops"),
             "wall_time_s": summary.get("wall_time_s"),
             "peak_memory_bytes": summary.get("peak_memory_bytes"),
+            "sampling": summary.get("sampling"), "generation_flops": summary.get("generation_flops"),
+            "generation_time_s": summary.get("generation_time_s"),
         })
     if not rows:
         raise EssenceError(f"no run under {runs_dir} has a summary.json yet")
@@ -122,19 +138,20 @@ def _fmt(key: str, value) -> str:
         return f"{value:.1%}"
     if key.endswith("_pct"):
         return f"{value:.1f}%"
-    if key == "total_flops":
+    if key in ("total_flops", "generation_flops"):
         return f"{value:.3g}"
     if key == "peak_memory_bytes":
         return f"{value / 2**20:.0f} MiB"
-    if key == "wall_time_s":
+    if key in ("wall_time_s", "generation_time_s"):
         return f"{value:.1f} s"
     return str(value)
 
 
 def to_markdown(rows: list[dict]) -> str:
-    header = "| " + " | ".join(COLUMNS) + " |"
-    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    body = ["| " + " | ".join(_fmt(c, r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    shown = columns(rows)
+    header = "| " + " | ".join(shown) + " |"
+    rule = "|" + "|".join("---" for _ in shown) + "|"
+    body = ["| " + " | ".join(_fmt(c, r.get(c)) for c in shown) + " |" for r in rows]
     return "\n".join([header, rule, *body]) + "\n"
 
 
@@ -148,7 +165,7 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     trained = [r for r in rows if r["accuracy"] is not None and r["total_flops"]]
     references = [r for r in rows if r["accuracy"] is not None and not r["total_flops"]]
     written = []
-    for name, key, label in (("accuracy_vs_flops.png", "total_flops", "training FLOPs (student + teacher)"),
+    for name, key, label in (("accuracy_vs_flops.png", "total_flops", "total FLOPs (student + teacher + generation)"),
                              ("accuracy_vs_lsp.png", "lsp", "lead-span proportion (LSP)")):
         points = sorted((r for r in trained if r[key] is not None), key=lambda r: r[key])
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -199,10 +216,11 @@ def build_report(runs_dir: str | Path, out: str | Path | None = None,
         from rich.table import Table
 
         table = Table(title=f"trade-off report: {runs_dir} (savings against the full-sequence run)")
-        for column in COLUMNS:
+        shown = columns(rows)
+        for column in shown:
             table.add_column(HEADERS[column], justify="left" if column == "run" else "right")
         for row in rows:
-            table.add_row(*(_fmt(c, row.get(c)) for c in COLUMNS))
+            table.add_row(*(_fmt(c, row.get(c)) for c in shown))
         console.print(table)
     return rows
 

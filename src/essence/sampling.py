@@ -26,7 +26,7 @@ import contextlib
 import dataclasses
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
@@ -61,8 +61,9 @@ class SamplingConfig:
     """on_policy / sequence_level: data keeps the NLL term on the dataset's (truncated) trace, as
     the reference does; sample puts it on the teacher's generated text (sequence_level only)."""
     divergence: Divergence = "reverse_kl"
-    """lead_then_student: the divergence of the continuation term (loss.params and
-    loss.temperature apply to it too)."""
+    """lead_then_student: the divergence of the continuation term (at loss.temperature)."""
+    params: dict[str, float] = field(default_factory=dict)
+    """Parameters of that divergence, as loss.params (e.g. beta for js)."""
     continuation_weight: float = bounded(0.5, gt=0)
     """lead_then_student: weight of the continuation term, a mean over the step's continuation
     tokens: loss = (1-λ)·NLL + λ·KD + continuation_weight·KD_continuation."""
@@ -164,14 +165,18 @@ class Sampler:
         self.prompts, self.full_lengths = prompts, full_lengths
         self.pad_id, self.generate = pad_id, generator
 
-    def seed(self, step: int, process: int, micro: int) -> int:
-        return ((self.config.seed * 1_000_003 + step) * 1_009 + process) * 1_013 + micro
+    def seed(self, step: int, index: int) -> int:
+        """Generation seed of the step's micro-batch `index` (its place in the step's global
+        plan), so N processes × accumulation 1 sample what 1 process × accumulation N does."""
+        return (self.config.seed * 1_000_003 + step) * 1_000_033 + index
 
-    def sample(self, batches: list[Batch], step: int, process: int, student, teacher,
+    def sample(self, batches: list[Batch], step: int, process: int, world: int, student, teacher,
                student_flops, teacher_flops) -> tuple[list[Batch], GenerationCost]:
         """Every generation of the step happens here, before its first backward pass (the step's
-        token counts are summed over all of its batches first). student/teacher: the models
-        that may write; *_flops: their FlopModels (generation FLOPs are charged to the writer)."""
+        token counts are summed over all of its batches first). batches: this process's
+        micro-batches (process p holds the plan's micro-batches p, p + world, ...);
+        student/teacher: the models that may write; *_flops: their FlopModels (generation
+        FLOPs are charged to the writer)."""
         cost = GenerationCost()
         out: list[Batch] = []
         writer, flops = (teacher, teacher_flops) if self.config.method == "sequence_level" \
@@ -182,7 +187,7 @@ class Sampler:
             else:
                 contexts = [self.prompts[rid] for rid in batch.record_ids]
             started = time.perf_counter()
-            new = self.generate(writer, contexts, self.seed(step, process, micro))
+            new = self.generate(writer, contexts, self.seed(step, micro * world + process))
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             cost.seconds += time.perf_counter() - started

@@ -55,7 +55,11 @@ def enable_fsdp_on_cpu(accelerator) -> None:
     plugin = FullyShardedDataParallelPlugin()
     if accelerator.mixed_precision != "no":
         plugin.set_mixed_precision(accelerator.mixed_precision)
+    from accelerate.state import PartialState
+
+    # Both singletons: a later AcceleratorState() refreshes itself from PartialState's copy.
     accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     accelerator.state.fsdp_plugin = plugin
 
 

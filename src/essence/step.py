@@ -4,6 +4,8 @@
 inside the wrapped forward and gradient synchronisation sees every parameter. It returns
 loss *sums*; the loop divides them once per optimizer step by the step's token counts (with
 loss.reduction: sequence, sums of per-sequence means, divided by the step's sequence counts).
+A lead_then_student batch (essence.sampling) adds a third sum, the KD over its sampled
+continuation under its own divergence, divided by the step's continuation token count.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from essence.config import LossConfig, continuation_params
+from essence.config import LossConfig
 from essence.fused_loss import distill_loss_sums
 from essence.sharding import full_weight
 from essence.teacher import TeacherOutput
@@ -63,12 +65,14 @@ class DistillStep(torch.nn.Module):
     """Wraps the student so that forward(batch tensors, teacher output) → loss sums."""
 
     def __init__(self, student: torch.nn.Module, loss: LossConfig, vocab_size: int,
-                 continuation_divergence: str = "reverse_kl"):
+                 continuation_divergence: str = "reverse_kl",
+                 continuation_params: dict[str, float] | None = None):
         super().__init__()
         self.student = student
         self.loss = loss
         self.vocab_size = vocab_size
         self.continuation_divergence = continuation_divergence
+        self.continuation_params = dict(continuation_params or {})
 
     @property
     def _no_split_modules(self):
@@ -130,8 +134,7 @@ class DistillStep(torch.nn.Module):
                 torch.zeros_like(cont[cont]), torch.ones_like(cont[cont]),
                 kind=self.continuation_divergence, temperature=self.loss.temperature,
                 vocab_size=self.vocab_size, chunk_size=self.loss.chunk_size,
-                params=continuation_params(self.continuation_divergence, dict(self.loss.params)),
-                loss_weights=w)
+                params=dict(self.continuation_params), loss_weights=w)
         return out
 
 

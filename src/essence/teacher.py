@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 
 from essence.errors import EssenceError
+from essence.sharding import full_weight
 from essence.sparse_kd import SparseTargets, narrow_topk
 
 
@@ -42,11 +43,17 @@ class OnlineTeacher:
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 record_ids: list[str] | None = None) -> TeacherOutput:
+                 record_ids: list[str] | None = None,
+                 position_ids: torch.Tensor | None = None) -> TeacherOutput:
+        """position_ids: a packed batch's restarting positions (then no 2-D mask is passed and
+        attention stays within each sequence, as in essence.step). Under FSDP2 the head is
+        gathered whole for this micro-batch (essence.sharding)."""
         body = self.model.get_decoder()
-        out = body(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                   use_cache=False)
-        return TeacherOutput(out.last_hidden_state, self.model.get_output_embeddings().weight)
+        packed = position_ids is not None
+        out = body(input_ids=input_ids.to(self.device),
+                   attention_mask=None if packed else attention_mask.to(self.device),
+                   position_ids=position_ids.to(self.device) if packed else None, use_cache=False)
+        return TeacherOutput(out.last_hidden_state, full_weight(self.model.get_output_embeddings().weight))
 
     def summary(self) -> dict:
         """What a run's summary says about its teacher."""

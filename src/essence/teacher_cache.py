@@ -164,7 +164,7 @@ def teacher_identity(model_config, seed: int) -> str:
 def render_settings(data_config) -> dict:
     """The data settings that decide which token sequences exist (not how they are cut)."""
     settings = asdict(data_config)
-    for key in ("truncation", "supervision", "val_fraction", "on_error"):
+    for key in ("truncation", "supervision", "val_fraction", "on_error", "packing"):
         settings.pop(key, None)
     return settings
 

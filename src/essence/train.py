@@ -36,6 +36,11 @@ from essence.step import (
     step_token_counts,
 )
 from essence.trainer_setup import build_models, build_optimizer, make_accelerator
+from essence.saving import SavedStudent
+from essence.sharding import (
+    full_optimizer_state, load_optimizer_state, register_head, shard_teacher,
+)
+from essence.teacher import OnlineTeacher
 from essence.tracking import MetricsLog
 
 
@@ -114,11 +119,15 @@ class Trainer:
             self.total_steps = min(self.total_steps, config.train.max_steps)
         self.sampler = self._build_sampler(prepared) if config.sampling.active else None
         step_module = DistillStep(self.models.student, config.loss, len(self.models.tokenizer),
-                                  continuation_divergence=config.sampling.divergence)
+                                  continuation_divergence=config.sampling.divergence,
+                                  continuation_params=config.sampling.params)
         optimizer, self.scheduler = build_optimizer(self.models.student, config.train,
                                                     self.total_steps)
         # The scheduler stays unwrapped: accelerate would step it once per process.
         self.step_module, self.optimizer = self.accelerator.prepare(step_module, optimizer)
+        register_head(self.accelerator, self.step_module)  # ZeRO-3 only (essence.sharding)
+        if isinstance(self.models.teacher, OnlineTeacher):  # FSDP2: the teacher is sharded too
+            shard_teacher(self.models.teacher.model, self.accelerator)
         self.ledger, self.step, self.elapsed = Ledger(), 0, 0.0
         self.last_train_loss, self.last_val_loss = None, None
         if checkpoint is not None:
@@ -147,7 +156,7 @@ class Trainer:
 
     def _restore(self, checkpoint: Path) -> None:
         state = load_trainer_state(checkpoint)
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.accelerator, self.step_module, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.step, self.elapsed = state["step"], state["elapsed"]
@@ -166,7 +175,8 @@ class Trainer:
         group = plan[index * per_step:(index + 1) * per_step]
         mine = group[self.accelerator.process_index::self.world]
         pad_id = self.models.tokenizer.pad_token_id
-        return [collate([self.train_set[i] for i in ids], pad_id) for ids in mine]
+        pack = self.config.data.packing
+        return [collate([self.train_set[i] for i in ids], pad_id, pack) for ids in mine]
 
     def _reduce(self, values: list[float]) -> list[float]:
         tensor = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
@@ -180,11 +190,12 @@ class Trainer:
         cont = batch.continuation_mask
         if not bool(batch.kd_mask.any()) and (cont is None or not bool(cont.any())):
             return None
-        return self.models.teacher(batch.input_ids, batch.attention_mask, batch.record_ids)
+        packed = {} if batch.position_ids is None else {"position_ids": batch.position_ids}
+        return self.models.teacher(batch.input_ids, batch.attention_mask, batch.record_ids, **packed)
 
     def optimizer_step(self, batches: list[Batch]) -> dict:
         """One optimizer step over this process's micro-batches; returns its metrics."""
-        batches, sampled = self._sample(batches)  # every generation before the first backward
+        batches, generation_s = self._sample(batches)  # every generation before the first backward
         reduction = self.config.loss.reduction  # token counts, or sequence counts
         counts = [*step_token_counts(batches, reduction), continuation_count(batches)]
         n_nll, n_kd, n_cont = (int(v) for v in self._reduce(counts))
@@ -205,7 +216,8 @@ class Trainer:
                 "continuation_mask": batch.continuation_mask, "continuation_weight": w_cont}
             with self.accelerator.no_sync(self.step_module) if not sync else _null():
                 out = self.step_module(batch.input_ids, batch.attention_mask, batch.nll_mask,
-                                       batch.kd_mask, teacher, weights, **extra)
+                                       batch.kd_mask, teacher, weights, **extra,
+                                       position_ids=batch.position_ids)
                 # DDP averages gradients over processes; our denominators are global sums.
                 loss = combine(out, weights, w_cont) * self.world
                 self.accelerator.backward(loss)
@@ -236,7 +248,8 @@ class Trainer:
                    "lr": self.scheduler.get_last_lr()[0]}
         if self.sampler is not None:
             cont = cont_sum / n_cont if n_cont else None
-            metrics.update(sampled=sampled, continuation_kd=cont)
+            metrics.update(sampled=generation_s is not None, generation_s=generation_s,
+                           continuation_kd=cont)
             if cont is not None:
                 metrics["loss"] = loss + self.config.sampling.continuation_weight * cont
         return metrics
@@ -256,20 +269,21 @@ class Trainer:
         return Sampler(self.config.sampling, self.config.loss.kd_ratio, prompts, lengths, pad,
                        generator)
 
-    def _sample(self, batches: list[Batch]) -> tuple[list[Batch], bool]:
-        """The step's batches with sampled text when this step is drawn for sampling."""
+    def _sample(self, batches: list[Batch]) -> tuple[list[Batch], float | None]:
+        """The step's batches with sampled text when this step is drawn for sampling, and the
+        seconds spent generating (None: not a sampled step)."""
         from essence.sampling import generation_context, is_sampled_step
 
         if self.sampler is None or not is_sampled_step(self.config.sampling, self.step):
-            return batches, False
+            return batches, None
         teacher = self.models.teacher
         fsdp = self.accelerator.distributed_type.name == "FSDP"
         with generation_context(self.step_module, fsdp):
             batches, cost = self.sampler.sample(
-                batches, self.step, self.accelerator.process_index, self.models.student,
+                batches, self.step, self.accelerator.process_index, self.world, self.models.student,
                 getattr(teacher, "model", None), self.models.student_flops, self.models.teacher_flops)
         self.ledger.add_generation(cost.tokens, cost.flops, cost.seconds, cost.sequences)
-        return batches, True
+        return batches, cost.seconds
 
     @torch.no_grad()
     def validate(self) -> float | None:
@@ -277,9 +291,10 @@ class Trainer:
         if not self.val_set:
             return None
         self.step_module.eval()
+        self._weights("eval")
         mine = self.val_set[self.accelerator.process_index::self.world]
         pad_id = self.models.tokenizer.pad_token_id
-        batches = [collate(mine[i:i + self.config.train.batch_size], pad_id)
+        batches = [collate(mine[i:i + self.config.train.batch_size], pad_id, self.config.data.packing)
                    for i in range(0, len(mine), self.config.train.batch_size)]
         n_nll, n_kd = self._reduce(list(step_token_counts(batches, self.config.loss.reduction)))
         weights = loss_weights(int(n_nll), int(n_kd), self.config.loss.kd_ratio)
@@ -287,9 +302,11 @@ class Trainer:
         for batch in batches:
             batch = batch.to(self.accelerator.device)
             out = self.step_module(batch.input_ids, batch.attention_mask, batch.nll_mask,
-                                   batch.kd_mask, self.teacher_output(batch))
+                                   batch.kd_mask, self.teacher_output(batch),
+                                   position_ids=batch.position_ids)
             total += float(combine(out, weights))
         self.step_module.train()
+        self._weights("train")
         return self._reduce([total])[0]
 
     def global_ledger(self) -> Ledger:
@@ -297,26 +314,40 @@ class Trainer:
         fields = asdict(self.ledger)
         return Ledger(**dict(zip(fields, self._reduce(list(fields.values())))))
 
-    def save(self) -> None:
-        """Checkpoint the student, optimizer, scheduler, RNG and position (main process)."""
+    def _weights(self, mode: str) -> None:
+        """Schedule-free AdamW holds two sets of weights: "train" for its steps, "eval" (the
+        averaged ones) for validation, saves and evaluation. A no-op for AdamW."""
+        if self.config.train.optimizer == "adamw_schedulefree":
+            getattr(self.optimizer, mode)()
+
+    def save(self, final: bool = False) -> None:
+        """Checkpoint the student, optimizer, scheduler, RNG and position (main process);
+        final: also the run's model/ folder. Under FSDP2 every process helps gather the weights."""
         self.accelerator.wait_for_everyone()
         totals = self.global_ledger()
+        self._weights("eval")
+        student = SavedStudent(self.accelerator, self.step_module, self.models.student)
+        optimizer = full_optimizer_state(self.accelerator, self.step_module, self.optimizer)
         if self.is_main:
             state = {
                 "step": self.step, "elapsed": self.elapsed, "ledger": asdict(totals),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                 "rng": rng_state(), "train_loss": self.last_train_loss,
                 "val_loss": self.last_val_loss,
             }
-            save_checkpoint(self.run_dir, self.step, self.models.student, self.models.tokenizer,
-                            state)
+            save_checkpoint(self.run_dir, self.step, student, self.models.tokenizer, state)
             prune_checkpoints(self.run_dir, keep=2, current=self.step)
+            if final:
+                save_model(student, self.models.tokenizer, self.run_dir / "model")
+        if not final:
+            self._weights("train")
         self.accelerator.wait_for_everyone()
 
     def run(self) -> dict:
         cfg = self.config.train
         reset_peak_memory(self.accelerator.device)
         self.step_module.train()
+        self._weights("train")
         bar = _progress(self.total_steps, self.step, enabled=cfg.progress and self.is_main)
         started = time.perf_counter() - self.elapsed
         while self.step < self.total_steps:
@@ -342,9 +373,7 @@ class Trainer:
         if self.val_set and not (cfg.val_every and self.step % cfg.val_every == 0):
             self.last_val_loss = self.validate()
         if cfg.save_checkpoints:
-            self.save()
-            if self.is_main:
-                save_model(self.models.student, self.models.tokenizer, self.run_dir / "model")
+            self.save(final=True)  # schedule-free: its evaluation weights, kept for the eval
         return self.summary()
 
     def summary(self) -> dict:
@@ -380,7 +409,8 @@ class Trainer:
 
     def _sampling_summary(self, totals: Ledger) -> dict:
         """What sampled text cost (all zero without sampling): generation apart from training."""
-        return {"sampling": self.config.sampling.method if self.config.sampling.active else "none",
+        s = self.config.sampling
+        return {"sampling": f"{s.method}@{s.fraction:g}" if s.active else "none",
                 "sampled_sequences": int(totals.sampled_sequences),
                 "generated_tokens": int(totals.generated_tokens),
                 "continuation_tokens": int(totals.continuation_tokens),
@@ -457,7 +487,8 @@ def _train(config: Config, run_dir: Path, resume: bool) -> dict:
     trainer = Trainer(config, run_dir, resume)
     is_main = trainer.is_main
     if is_main:
-        check_free_space(run_dir, checkpoint_bytes(trainer.models.student), "one checkpoint")
+        if config.train.save_checkpoints:
+            check_free_space(run_dir, checkpoint_bytes(trainer.models.student), "one checkpoint")
         save_config(config, run_dir / "config.yaml")
     summary = trainer.run()
     trainer.log.close()

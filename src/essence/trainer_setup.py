@@ -13,6 +13,7 @@ from essence.compute import FlopModel, flop_model
 from essence.config import Config, TrainConfig
 from essence.errors import EssenceError
 from essence.loading import load_causal_lm, load_tokenizer, random_causal_lm, resolve
+from essence.lora import apply_lora
 from essence.sharding import enable_fsdp_on_cpu
 from essence.teacher import CachedTeacher, OnlineTeacher, check_vocabularies
 
@@ -85,7 +86,7 @@ def build_models(config: Config, device: torch.device, checkpoint: Path | None) 
     tokenizer = load_tokenizer(tok_spec)
     vocab = len(tokenizer)
     student_dtype = DTYPES.get(m.dtype, torch.float32)
-    if checkpoint is not None:
+    if checkpoint is not None and m.lora is None:  # LoRA resumes its adapter on the base below
         student = load_causal_lm(str(checkpoint), dtype=student_dtype, role="student")
     elif m.student_init is not None:
         student = random_causal_lm(m.student_init, vocab, config.train.seed, dtype=student_dtype,
@@ -105,6 +106,10 @@ def build_models(config: Config, device: torch.device, checkpoint: Path | None) 
             student.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
     student.config.use_cache = False
+    if m.lora is not None:  # only the adapters train; a resumed run reloads its adapter
+        student = apply_lora(student, m.lora, checkpoint)
+    if config.train.compile:  # in place: the module, its names and its state dict stay as they are
+        student.get_decoder().compile()
     teacher = teacher_flops = None
     if config.loss.kd_ratio > 0 and m.teacher_cache:  # targets read from disk, no teacher loaded
         return Models(student, CachedTeacher(config, device), tokenizer, flop_model(student, vocab),
@@ -137,6 +142,8 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, total_steps: in
     else:
         groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": config.weight_decay},
                   {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    if config.optimizer == "adamw_schedulefree":
+        return _schedule_free(groups, config, total_steps)
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
     if config.schedule == "one_cycle":
         return optimizer, _one_cycle(optimizer, config, total_steps)
@@ -150,6 +157,19 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig, total_steps: in
         return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _schedule_free(groups: list[dict], config: TrainConfig, total_steps: int):
+    """Schedule-free AdamW (the schedulefree package) with its own warmup, as the reference sets
+    it up (warmup_steps = int(steps × warmup_ratio)); the schedule object is a constant factor 1."""
+    try:
+        from schedulefree import AdamWScheduleFree
+    except ImportError:
+        raise EssenceError("train.optimizer=adamw_schedulefree needs the `schedulefree` package: "
+                           "pip install 'essence[scale]' (or pip install schedulefree)") from None
+    optimizer = AdamWScheduleFree(groups, lr=config.lr, betas=tuple(config.betas),
+                                  warmup_steps=int(total_steps * config.warmup_ratio))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
 def _one_cycle(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):

@@ -57,6 +57,11 @@ class DataConfig:
     """How each sequence is cut before training."""
     supervision: SupervisionConfig = field(default_factory=SupervisionConfig)
     """Which segments carry the NLL and the KD loss."""
+    packing: bool = False
+    """Put each micro-batch's sequences one after another in a single row instead of padding
+    them: no padding, position ids restarting at every sequence and attention kept within each
+    (a block-diagonal causal mask; flash-attention varlen where installed). The sequences of each
+    step, their masks and the loss are unchanged; only the padding goes."""
 
 
 @dataclass
