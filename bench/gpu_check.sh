@@ -12,7 +12,10 @@
 #   4 throughput   bench/throughput.py: essence vs TRL GKD (when installable) vs plain NLL
 #   5 lsp_scaling  bench/lsp_scaling.py: step time / memory / FLOPs at LSP 1.0 / 0.75 / 0.5 / 0.25
 #   6 sampling     bench/sampling_share.py: share of a step spent generating (lead_then_student,
-#                  on_policy; 256 new tokens after a 1,024-token trace at LSP 0.5; last, small)
+#                  on_policy; 256 new tokens after a 1,024-token trace at LSP 0.5; small)
+#   7 fsdp2        configs/accelerate/fsdp2.yaml on one process: the resume_eval models under FSDP2
+#                  (fully_shard, teacher sharded too), 2 steps, --resume to 3, the saved model
+#                  loads as a plain HF model (last, small; the 2-process proof runs on CPU in tests)
 #
 #   bash bench/gpu_check.sh              # on a CUDA machine
 #   SMALL=1 bash bench/gpu_check.sh      # tiny models on the CPU (bf16 autocast too): checks the script
@@ -167,6 +170,27 @@ run_case lsp_scaling "$PY" bench/lsp_scaling.py "${BENCH[@]}" --lengths "$LENGTH
 SAMPLING=(--device "$DEVICE" --student "$STUDENT" --teacher "$TEACHER" --steps 2)
 [ "$DEVICE" = cpu ] && SAMPLING+=(--threads 1 --seq-len 256 --new-tokens 32) || SAMPLING+=(--seq-len 1024 --new-tokens 256)
 run_case sampling "$PY" bench/sampling_share.py "${SAMPLING[@]}" --json "$OUT/sampling_share.json"
+
+fsdp2() {
+  set -e
+  local launch=("$PY" -m accelerate.commands.launch --config_file configs/accelerate/fsdp2.yaml --num_processes 1)
+  [ "$DEVICE" = cpu ] && launch+=(--cpu --mixed_precision no)
+  "${launch[@]}" -m essence train "$OUT/resume_eval.yaml" train.epochs=3 --out "$OUT/fsdp2"
+  "${launch[@]}" -m essence train "$OUT/resume_eval.yaml" train.epochs=3 train.max_steps=3 --out "$OUT/fsdp2" --resume
+  "$PY" - "$OUT/fsdp2" <<'EOF'
+import json, sys
+from pathlib import Path
+from transformers import AutoModelForCausalLM
+run = Path(sys.argv[1])
+steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+assert steps == [1, 2, 3], f"metrics steps after resume: {steps}"
+model = AutoModelForCausalLM.from_pretrained(run / "model")
+print("fsdp2 ok: steps", steps, "saved model", type(model).__name__, sum(p.numel() for p in model.parameters()), "params")
+EOF
+}
+export -f fsdp2
+export DEVICE
+run_case fsdp2 bash -c fsdp2
 
 say "done in $(elapsed) s; results in $OUT"
 cat "$OUT/status.txt" >&2

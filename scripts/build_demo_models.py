@@ -66,7 +66,7 @@ class ModelSpec:
 
 
 TEACHER = ModelSpec(layers=4, hidden=128, steps=2400, lr=2e-3, batch=8, data=(1, STEPS[1]))
-STUDENT = ModelSpec(layers=3, hidden=96, steps=2500, lr=3e-3, batch=8, data=EASY)
+STUDENT = ModelSpec(layers=2, hidden=96, steps=2500, lr=3e-3, batch=8, data=EASY)
 # What the build must reach on held-out problems: the teacher solves the hard ones; the base
 # student solves the easy ones, finishes (closes its think block, boxes an answer, stops) on
 # the hard ones, and solves few of them.

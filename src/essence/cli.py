@@ -224,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     from essence.cache_build import add_parser as add_teacher_parser
 
     add_teacher_parser(sub)
+
+    from essence.analyze import add_parser as add_analyze_parser
+    from essence.study import add_parser as add_study_parser
+
+    add_analyze_parser(sub)
+    add_study_parser(sub)
     return parser
 
 

@@ -58,6 +58,18 @@ def make_accelerator(config: TrainConfig):
     return accelerator
 
 
+def compile_layers(model: torch.nn.Module) -> None:
+    """torch.compile every decoder layer (regional compilation: one graph, reused by all layers,
+    so compile time does not grow with depth); the fused loss stays eager."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise EssenceError(f"train.compile: {type(model).__name__} names no decoder-layer classes "
+                           "(_no_split_modules) to compile")
+    for layer in layers:
+        layer.compile(dynamic=True)  # lengths vary every step: one graph for all of them
+
+
 def _check_width(model, vocab: int, role: str) -> None:
     width = model.get_output_embeddings().weight.shape[0]
     if width < vocab:
@@ -108,8 +120,8 @@ def build_models(config: Config, device: torch.device, checkpoint: Path | None) 
     student.config.use_cache = False
     if m.lora is not None:  # only the adapters train; a resumed run reloads its adapter
         student = apply_lora(student, m.lora, checkpoint)
-    if config.train.compile:  # in place: the module, its names and its state dict stay as they are
-        student.get_decoder().compile()
+    if config.train.compile:  # each decoder layer, in place: names and state dict stay as they are
+        compile_layers(student)
     teacher = teacher_flops = None
     if config.loss.kd_ratio > 0 and m.teacher_cache:  # targets read from disk, no teacher loaded
         return Models(student, CachedTeacher(config, device), tokenizer, flop_model(student, vocab),
