@@ -26,11 +26,12 @@ numbers go into the assets' README.md. It prints its own run time at the end.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -278,18 +279,21 @@ def targets_missed(results: dict[str, tuple[ModelSpec, int, dict[str, Score]]]) 
     return missed
 
 
-def write_readme(out: Path, tok, results: dict[str, tuple[ModelSpec, int, dict[str, Score]]],
-                 seconds: float) -> None:
+def write_readme(out: Path, tok, builds: dict[str, dict]) -> None:
     """The assets' README: what the two models are, how they were built, what they score."""
-    def pct(scores: dict[str, Score], label: str, field: str) -> str:
-        return f"{getattr(scores[label], field):.1%}" if label in scores else "–"
+    def pct(b: dict, label: str, field: str) -> str:
+        return f"{b['scores'][label][field]:.1%}" if label in b["scores"] else "–"
+
+    def minutes(seconds: float | None) -> str:
+        return f"{seconds / 60:.1f}" if seconds else "–"
 
     rows = "\n".join(
-        f"| {name} | {spec.layers} x {spec.hidden} | {params:,} | {spec.data[0]}-{spec.data[1]} "
-        f"| {spec.steps} x {spec.batch} | {spec.lr:g} | {pct(s, 'hard', 'accuracy')} "
-        f"| {pct(s, 'hard', 'math_verify')} | {pct(s, 'hard', 'finished')} | {pct(s, 'easy', 'accuracy')} "
-        f"| {pct(s, 'easy', 'finished')} |"
-        for name, (spec, params, s) in results.items()
+        f"| {name} | {b['spec']['layers']} x {b['spec']['hidden']} | {b['params']:,} "
+        f"| {b['spec']['data'][0]}-{b['spec']['data'][1]} | {b['spec']['steps']} x {b['spec']['batch']} "
+        f"| {b['spec']['lr']:g} | {pct(b, 'hard', 'accuracy')} | {pct(b, 'hard', 'math_verify')} "
+        f"| {pct(b, 'hard', 'finished')} | {pct(b, 'easy', 'accuracy')} | {pct(b, 'easy', 'finished')} "
+        f"| {minutes(b['train_s'])} |"
+        for name, b in builds.items()
     )
     (out / "README.md").write_text(f"""# Embedded demo models
 
@@ -309,8 +313,8 @@ digit, ChatML chat template, `<think>`/`</think>` single tokens, eos `<|im_end|>
   too, but gets most of those wrong: the teacher has the hard problems to teach it, and a
   fine-tune on lead spans need not teach it how to conclude.
 
-| model | layers x hidden | parameters | trained on (steps) | steps x batch | lr | hard: accuracy | hard: math-verify | hard: finished | easy: accuracy | easy: finished |
-| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
+| model | layers x hidden | parameters | trained on (steps) | steps x batch | lr | hard: accuracy | hard: math-verify | hard: finished | easy: accuracy | easy: finished | training minutes |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
 {rows}
 
 Greedy decoding of 200 held-out problems of each kind (`generate(200, seed={EVAL_SEED}, steps=...)`,
@@ -320,10 +324,23 @@ graded by math-verify; finished: `<think>`, the working, `</think>`, an answer h
 `\\boxed{{N}}`, then `<|im_end|>`.
 
 Built by `python scripts/build_demo_models.py` (seed {SEED}; tokenizer data seed {TOKENIZER_SEED},
-training data seed {TRAIN_SEED}) in {seconds / 60:.1f} minutes on {torch.get_num_threads()} CPU thread(s) of a
-shared 2-core machine, fp32, torch {torch.__version__}. The same command on the same machine
-rebuilds the same files.
+training data seed {TRAIN_SEED}), fp32, torch {torch.__version__}, on {torch.get_num_threads()} CPU thread(s) of a
+shared 2-core machine that other jobs kept busy (load average about 6): the training minutes
+above are as measured under that load; grading adds a minute or two per model. The same
+command on the same machine rebuilds the same files (`build.json` holds the numbers above).
 """)
+
+
+def record_build(out: Path, name: str, spec: ModelSpec, params: int, scores: dict[str, Score],
+                 train_s: float | None) -> dict:
+    """Merge one model's build into out/build.json (so models built one at a time share a README)."""
+    path = out / "build.json"
+    builds = json.loads(path.read_text()) if path.is_file() else {}
+    builds[name] = {"spec": asdict(spec), "params": params, "train_s": train_s,
+                    "scores": {k: {f: getattr(s, f) for f in ("accuracy", "math_verify", "finished")}
+                               for k, s in scores.items()}}
+    path.write_text(json.dumps(builds, indent=1) + "\n")
+    return builds
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -332,29 +349,40 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="1 is fastest for models this small")
     ap.add_argument("--n-train", type=int, default=20000)
-    ap.add_argument("--only", choices=["teacher", "student"], help="build one model (no README)")
+    ap.add_argument("--only", choices=["teacher", "student"], help="build one model")
+    ap.add_argument("--regrade", action="store_true", help="grade the saved models, do not train")
+    ap.add_argument("--train-seconds", type=float, default=None, help="with --regrade: the build's time")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    t0 = time.time()
     out = Path(args.out)
     tok = build_tokenizer()
     eval_sets = {"hard": generate(200, EVAL_SEED, steps=STEPS, digits=DIGITS),
                  "easy": generate(200, EVAL_SEED, steps=EASY, digits=DIGITS)}
     held_out = {r["problem"] for rows in eval_sets.values() for r in rows}
     print(f"tokenizer: {len(tok)} tokens")
-    results = {}
+    results, builds = {}, {}
     for name, spec in (("teacher", TEACHER), ("student", STUDENT)):
         if args.only and name != args.only:
             continue
         print(f"{name}:", end=" ")
-        model = build_model(spec, tok, args.n_train, held_out, args.device)
+        t0 = time.time()
+        if args.regrade:  # the spec it was built with, when recorded
+            model, train_s = LlamaForCausalLM.from_pretrained(out / name).to(args.device).eval(), args.train_seconds
+            before = json.loads((out / "build.json").read_text()).get(name) if (out / "build.json").is_file() else None
+            if before:
+                spec = ModelSpec(**{**before["spec"], "data": tuple(before["spec"]["data"])})
+                train_s = train_s or before["train_s"]
+        else:
+            model = build_model(spec, tok, args.n_train, held_out, args.device)
+            train_s = time.time() - t0
         sets = eval_sets if name == "student" else {"hard": eval_sets["hard"]}
         results[name] = (spec, model.num_parameters(), grade(name, model, tok, sets, args.device))
-        save(model.to("cpu"), tok, out / name)
-    seconds = time.time() - t0
-    if not args.only:
-        write_readme(out, tok, results, seconds)
-    print(f"done in {seconds / 60:.1f} minutes; wrote {out}")
+        if not args.regrade:
+            save(model.to("cpu"), tok, out / name)
+        builds = record_build(out, name, spec, model.num_parameters(), results[name][2], train_s)
+    if {"teacher", "student"} <= set(builds):
+        write_readme(out, tok, builds)
+    print(f"done; wrote {out}")
     if missed := targets_missed(results):
         raise SystemExit("targets missed: " + "; ".join(missed) + "; change TEACHER / STUDENT")
 
