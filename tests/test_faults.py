@@ -9,12 +9,10 @@ The CI set is five kill points and the write sites of one run (~40 s). Every kil
     ESSENCE_LONG_TESTS=1 .venv/bin/pytest tests/test_faults.py -m slow
 """
 
-import json
 import os
 
 import pytest
 
-from conftest import RECORDS, build_small_tokenizer
 from essence.checkpoint import find_checkpoint, verify
 from essence.errors import EssenceError
 from essence.faults import EXIT_CODE
@@ -28,21 +26,6 @@ CI_KILLS = ["step-3", "save-4-state", "save-4-rename", "save-4-latest", "save-mo
 MORE_KILLS = ["step-1", "step-6", "save-2-model", "save-2-manifest", "save-4-prune",
               "save-6-state", "save-model-model", "save-model-manifest", "write-summary.json",
               "write-metrics.jsonl", "write-config.yaml", "write-latest"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok")
-    build_small_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "mix.jsonl"
-    names = ["bespoke_stratos", "openr1_messages", "flat_columns"]
-    path.write_text("".join((RECORDS / f"{n}.jsonl").read_text() for n in names))
-    return path
 
 
 @pytest.fixture(scope="module")

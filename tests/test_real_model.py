@@ -11,7 +11,6 @@ checked is plumbing and accounting on real weights and a real tokenizer, not lea
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest

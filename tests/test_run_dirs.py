@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from conftest import BENCHMARKS, RECORDS, build_small_tokenizer
+from conftest import BENCHMARKS
 from essence.checkpoint import MANIFEST, find_checkpoint, prune_checkpoints, verify
 from essence.cli import main
 from essence.config import save_config
@@ -22,21 +22,6 @@ from essence.train import train
 from test_train import metrics, tiny_config
 
 RUN = ["train.max_steps=6", "train.save_every=2", "train.epochs=3"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok")
-    build_small_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "mix.jsonl"
-    names = ["bespoke_stratos", "openr1_messages", "flat_columns"]
-    path.write_text("".join((RECORDS / f"{n}.jsonl").read_text() for n in names))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,11 @@ from essence.data.batching import collate
 from essence.data.pipeline import prepare
 from essence.errors import EssenceError
 from essence.loading import random_causal_lm
-from essence.step import DistillStep, combine, loss_weights, step_token_counts
+from essence.step import DistillStep, combine, step_token_counts
 from essence.teacher import OnlineTeacher
 from essence.train import train
-from test_train import TINY, data_file, metrics, tiny_config, tokenizer_dir  # noqa: F401
+from conftest import TINY
+from test_train import metrics, tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1")

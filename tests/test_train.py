@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import RECORDS, build_small_tokenizer
+from conftest import TINY, build_small_tokenizer
 from essence.config import load_config
 from essence.data.batching import collate
 from essence.data.pipeline import prepare
@@ -18,23 +18,6 @@ from essence.step import DistillStep, combine, loss_weights, step_token_counts
 from essence.teacher import OnlineTeacher, check_vocabularies
 from essence.train import train
 
-TINY = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
-        "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 512}
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok")
-    build_small_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "mix.jsonl"
-    names = ["bespoke_stratos", "openr1_messages", "flat_columns"]
-    path.write_text("".join((RECORDS / f"{n}.jsonl").read_text() for n in names))
-    return path
 
 
 def tiny_config(tokenizer_dir, data_file, *overrides):
