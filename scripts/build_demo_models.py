@@ -64,10 +64,13 @@ class ModelSpec:
     batch: int
     data: tuple[int, int]
     """The range of problem steps it is trained on."""
+    pack: int = 1
+    """Conversations per training sequence, one after another, as base models are pre-trained on
+    packed documents: the base student then ends a trace at every position a hard trace reaches."""
 
 
-TEACHER = ModelSpec(layers=4, hidden=128, steps=2400, lr=2e-3, batch=8, data=(1, STEPS[1]))
-STUDENT = ModelSpec(layers=2, hidden=96, steps=2500, lr=3e-3, batch=8, data=EASY)
+TEACHER = ModelSpec(layers=4, hidden=128, steps=3200, lr=2e-3, batch=8, data=STEPS)
+STUDENT = ModelSpec(layers=2, hidden=96, steps=3500, lr=3e-3, batch=4, data=EASY, pack=2)
 # What the build must reach on held-out problems: the teacher solves the hard ones; the base
 # student solves the easy ones, finishes (closes its think block, boxes an answer, stops) on
 # the hard ones, and solves few of them.
@@ -230,9 +233,12 @@ def build_model(spec: ModelSpec, tok, n_train: int, held_out: set[str], device: 
     """Train one demo model from scratch on complete traces of problems with `spec.data` steps."""
     rows = [r for r in generate(n_train, TRAIN_SEED, steps=spec.data, digits=DIGITS) if r["problem"] not in held_out]
     examples = [encode(tok, r) for r in rows]
+    k = spec.pack
+    examples = [(sum((ids for ids, _ in group), []), sum((m for _, m in group), []))
+                for group in (examples[i : i + k] for i in range(0, len(examples) - k + 1, k))]
     torch.manual_seed(SEED)
     model = new_model(spec, tok)
-    print(f"{model.num_parameters():,} parameters, {spec.steps} steps of {spec.batch} on {len(rows)} traces "
+    print(f"{model.num_parameters():,} parameters, {spec.steps} steps of {spec.batch} x {k} on {len(rows)} traces "
           f"of {spec.data[0]}-{spec.data[1]}-step problems", flush=True)
     train(model, spec, examples, device)
     return model

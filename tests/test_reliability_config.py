@@ -5,7 +5,6 @@ import pytest
 from essence.cli import main
 from essence.errors import EssenceError
 from essence.train import train
-from test_run_dirs import data_file, tokenizer_dir  # noqa: F401 (fixtures)
 from test_train import tiny_config
 
 TINY = "configs/tiny.yaml"

@@ -13,7 +13,8 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from essence.config import check_unchanged, load_config, parse_override
+from essence.config import load_config, parse_override
+from essence.config_checks import check_unchanged
 from essence.errors import EssenceError
 from essence.io import write_json_atomic
 

@@ -23,7 +23,8 @@ from essence.checkpoint import (
     save_checkpoint, save_model, set_rng_state, rng_state,
 )
 from essence.compute import Ledger, peak_memory_bytes, reset_peak_memory
-from essence.config import Config, TrainConfig, check_unchanged, save_config
+from essence.config import Config, TrainConfig, save_config
+from essence.config_checks import check_unchanged
 from essence.data.batching import Batch, Example, collate, plan_batches
 from essence.data.pipeline import prepare, to_example
 from essence.data.truncation import TruncationConfig, truncate
