@@ -355,3 +355,27 @@ def test_chunked_equals_naive_on_gpu(kind, params, dtype):
     assert_same(got[2:], expected[2:], **tol)
     weighted = run(distill_loss_sums, inputs, chunk_size=7, loss_weights=(0.3, 0.7), **kw)
     assert_same(weighted[2:], expected[2:], **tol)
+
+
+@pytest.mark.parametrize(("kind", "params"), [("forward_kl", {}), ("reverse_kl", {}), ("js", {"beta": 0.3})])
+def test_row_weights_weigh_each_token(kind, params):
+    """Per-token weights: chunked equals naive, and equals Σ w·(per-token loss) of unweighted calls."""
+    inputs = problem(seed=13)
+    g = torch.Generator().manual_seed(14)
+    weights = (torch.rand(N, generator=g), torch.rand(N, generator=g) * 3)
+    kw = dict(kind=kind, temperature=1.5, params=params, row_weights=weights)
+    expected = run(naive_distill_loss_sums, inputs, **kw)
+    assert_same(run(distill_loss_sums, inputs, chunk_size=5, **kw), expected)
+    assert_same(run(distill_loss_sums, inputs, chunk_size=5, loss_weights=(0.3, 0.7), **kw), expected)
+    # The weighted NLL sum is Σ_i w_i · nll_i, token by token.
+    per_token = []
+    for i in range(N):
+        one = torch.zeros(N, dtype=torch.bool)
+        one[i] = True
+        nll, _ = distill_loss_sums(**dict(inputs, nll_mask=inputs["nll_mask"] & one,
+                                          kd_mask=inputs["kd_mask"] & one), kind=kind, params=params,
+                                   temperature=1.5)
+        per_token.append(float(nll.detach()))
+    torch.testing.assert_close(expected[0], (torch.tensor(per_token) * weights[0]).sum(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"row_weights must be two \[23\] float tensors"):
+        distill_loss_sums(**inputs, kind=kind, row_weights=(weights[0], -weights[1]))

@@ -169,6 +169,7 @@ class _Spec:
     teacher_logits_fn: TeacherLogitsFn | None
     loss_weights: tuple[float, float] | None
     sparse: SparseTargets | None = None
+    row_weights: tuple[Tensor, Tensor] | None = None
 
 
 def _chunk_terms(z: Tensor, zt: Tensor | None, labels: Tensor, nll_rows: Tensor, kd_rows: Tensor,
@@ -177,7 +178,7 @@ def _chunk_terms(z: Tensor, zt: Tensor | None, labels: Tensor, nll_rows: Tensor,
 
     z: [c, V] fp32 student logits, overwritten (it becomes the NLL gradient).
     zt: [c, V] fp32 teacher logits, overwritten; None when no row is in kd_rows.
-    labels: [c]; nll_rows, kd_rows: [c] bool.
+    labels: [c]; nll_rows, kd_rows: [c] bool, or float per-row weights (zero outside the rows).
     Returns nll [c], kd [c] (zero outside their rows; kd τ²-scaled), g_nll [c, V] or None,
     g_kd [c, V] or None (zero outside their rows).
     """
@@ -286,12 +287,13 @@ def _fused_forward_fp32(student_hidden: Tensor, student_head: Tensor, labels: Te
                        want_hidden, want_head)
     nll_sum = kd_sum = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
     rows = torch.nonzero(nll_mask | kd_mask).squeeze(1)
+    nll_w, kd_w = (nll_mask, kd_mask) if spec.row_weights is None else (
+        spec.row_weights[0].float() * nll_mask, spec.row_weights[1].float() * kd_mask)
     for start in range(0, rows.numel(), spec.chunk_size):
         idx = rows[start:start + spec.chunk_size]
         h = student_hidden[idx].float()
-        kd_rows = kd_mask[idx]
-        zt = _teacher_logits(idx, spec, teacher_head32) if bool(kd_rows.any()) else None
-        nll, kd, g_nll, g_kd = _chunk_terms(h @ head32.T, zt, labels[idx], nll_mask[idx], kd_rows, spec)
+        zt = _teacher_logits(idx, spec, teacher_head32) if bool(kd_mask[idx].any()) else None
+        nll, kd, g_nll, g_kd = _chunk_terms(h @ head32.T, zt, labels[idx], nll_w[idx], kd_w[idx], spec)
         del zt
         nll_sum, kd_sum = nll_sum + nll.sum(), kd_sum + kd.sum()
         if spec.loss_weights is not None:
@@ -370,7 +372,8 @@ def _make_spec(student_hidden: Tensor, student_head: Tensor, teacher_hidden: Ten
                kind: str, temperature: float, vocab_size: int | None, chunk_size: int,
                params: dict[str, float] | None, teacher_logits_fn: TeacherLogitsFn | None,
                loss_weights: tuple[float, float] | None,
-               sparse_teacher: SparseTargets | None = None) -> _Spec:
+               sparse_teacher: SparseTargets | None = None,
+               row_weights: tuple[Tensor, Tensor] | None = None) -> _Spec:
     """Check every argument of distill_loss_sums once; ValueError names the culprit."""
     p = divergence_params(kind, params)
     _check_temperature(temperature)
@@ -417,8 +420,14 @@ def _make_spec(student_hidden: Tensor, student_head: Tensor, teacher_hidden: Ten
         loss_weights = (float(loss_weights[0]), float(loss_weights[1]))
     if sparse_teacher is not None:
         check_sparse(sparse_teacher, kind, temperature, n, v)
+    if row_weights is not None:
+        if len(row_weights) != 2 or any(w.shape != (n,) or not w.is_floating_point()
+                                        or not bool(torch.isfinite(w).all()) or bool((w < 0).any())
+                                        for w in row_weights):
+            raise ValueError(f"row_weights must be two [{n}] float tensors of finite weights ≥ 0 "
+                             "(NLL and KD weight per token)")
     return _Spec(kind, p, float(temperature), v, chunk_size, teacher_hidden, teacher_head,
-                 teacher_logits_fn, loss_weights, sparse_teacher)
+                 teacher_logits_fn, loss_weights, sparse_teacher, row_weights)
 
 
 def distill_loss_sums(student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor | None,
@@ -427,10 +436,14 @@ def distill_loss_sums(student_hidden: Tensor, student_head: Tensor, teacher_hidd
                       chunk_size: int = 1024, params: dict[str, float] | None = None,
                       teacher_logits_fn: TeacherLogitsFn | None = None,
                       loss_weights: tuple[float, float] | None = None,
-                      sparse_teacher: SparseTargets | None = None) -> tuple[Tensor, Tensor]:
+                      sparse_teacher: SparseTargets | None = None,
+                      row_weights: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Summed NLL and τ²-scaled KD over the masked tokens, chunked so memory is O(chunk × vocab).
 
     sparse_teacher: [N, k] cached teacher targets instead of a dense teacher (essence.sparse_kd).
+    row_weights: (nll_w, kd_w), each [N] float ≥ 0: weigh each token's NLL and KD in the sums
+    (None: every masked token weighs 1), e.g. 1/(the sequence's target count) for sums of
+    per-sequence means in one call.
 
     student_hidden: [N, H] final hidden states (any float dtype); student_head: [V_s, H] LM-head
     weight. teacher_hidden: [N, H_t] and teacher_head: [V_t, H_t], or None when kd_mask is empty
@@ -449,7 +462,7 @@ def distill_loss_sums(student_hidden: Tensor, student_head: Tensor, teacher_hidd
     """
     spec = _make_spec(student_hidden, student_head, teacher_hidden, teacher_head, labels, nll_mask,
                       kd_mask, kind, temperature, vocab_size, chunk_size, params, teacher_logits_fn,
-                      loss_weights, sparse_teacher)
+                      loss_weights, sparse_teacher, row_weights)
     grad_wanted = torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.requires_grad)
     if not grad_wanted:
         nll_sum, kd_sum, _ = _fused_forward(student_hidden, student_head, labels, nll_mask, kd_mask,
@@ -465,7 +478,8 @@ def naive_distill_loss_sums(student_hidden: Tensor, student_head: Tensor, teache
                             chunk_size: int = 1024, params: dict[str, float] | None = None,
                             teacher_logits_fn: TeacherLogitsFn | None = None,
                             loss_weights: tuple[float, float] | None = None,
-                            sparse_teacher: SparseTargets | None = None) -> tuple[Tensor, Tensor]:
+                            sparse_teacher: SparseTargets | None = None,
+                            row_weights: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """The same sums as distill_loss_sums, written plainly: full [N, V] logits and autograd.
 
     The reference for tests and bench/loss_memory.py. chunk_size and loss_weights are accepted
@@ -473,7 +487,7 @@ def naive_distill_loss_sums(student_hidden: Tensor, student_head: Tensor, teache
     """
     spec = _make_spec(student_hidden, student_head, teacher_hidden, teacher_head, labels, nll_mask,
                       kd_mask, kind, temperature, vocab_size, chunk_size, params, teacher_logits_fn,
-                      None, sparse_teacher)
+                      None, sparse_teacher, row_weights)
     with _fp32_region(student_hidden.device):
         return _naive_sums(student_hidden, student_head, teacher_hidden, teacher_head, labels,
                            nll_mask, kd_mask, spec, teacher_logits_fn)
@@ -483,14 +497,15 @@ def _naive_sums(student_hidden, student_head, teacher_hidden, teacher_head, labe
                 kd_mask, spec: _Spec, teacher_logits_fn) -> tuple[Tensor, Tensor]:
     v = spec.vocab
     logits = student_hidden.float() @ _first_columns(student_head.T, v).float()
-    nll_sum = F.cross_entropy(logits, labels.where(nll_mask, IGNORE_INDEX), ignore_index=IGNORE_INDEX,
-                              reduction="sum")
+    nll_w, kd_w = (1.0, 1.0) if spec.row_weights is None else spec.row_weights
+    nll_sum = (F.cross_entropy(logits, labels.where(nll_mask, IGNORE_INDEX), ignore_index=IGNORE_INDEX,
+                               reduction="none") * nll_w).sum()
     if not bool(kd_mask.any()):
         return nll_sum, logits.sum() * 0.0
     if spec.sparse is not None:
         per_token = sparse_divergence(logits, spec.sparse, spec.kind, temperature=spec.temperature,
                                       **spec.params)
-        return nll_sum, torch.where(kd_mask, per_token, 0.0).sum()
+        return nll_sum, torch.where(kd_mask, per_token * kd_w, 0.0).sum()
     with torch.no_grad():
         if teacher_logits_fn is not None:
             teacher_logits = teacher_logits_fn(torch.arange(student_hidden.shape[0], device=labels.device))
@@ -498,4 +513,4 @@ def _naive_sums(student_hidden, student_head, teacher_hidden, teacher_head, labe
             teacher_logits = teacher_hidden.float() @ _first_columns(teacher_head.T, v).float()
     per_token = divergence(logits, teacher_logits, spec.kind, temperature=spec.temperature,
                            vocab_size=v, **spec.params)
-    return nll_sum, torch.where(kd_mask, per_token, 0.0).sum()
+    return nll_sum, torch.where(kd_mask, per_token * kd_w, 0.0).sum()

@@ -105,8 +105,9 @@ class DistillStep(torch.nn.Module):
         sparse = teacher.sparse if teacher is not None else None  # a cached teacher's targets
         dense = teacher is not None and sparse is None
 
-        def sums(rows: torch.Tensor, weights) -> tuple[torch.Tensor, torch.Tensor]:
-            """NLL and KD sums over the positions `rows` ([batch·(seq-1)] bool)."""
+        def sums(rows: torch.Tensor, weights, row_weights=None) -> tuple[torch.Tensor, torch.Tensor]:
+            """NLL and KD sums over the positions `rows` ([batch·(seq-1)] bool), each token
+            weighed by row_weights (two [batch·(seq-1)] float tensors; None: 1)."""
             flat = lambda t: t[:, :-1].reshape(-1, t.shape[-1])[rows]  # noqa: E731
             return distill_loss_sums(
                 flat(hidden), head,
@@ -117,6 +118,7 @@ class DistillStep(torch.nn.Module):
                 vocab_size=self.vocab_size, chunk_size=self.loss.chunk_size,
                 params=dict(self.loss.params), loss_weights=weights,
                 sparse_teacher=sparse.positions(rows) if sparse is not None else None,
+                row_weights=None if row_weights is None else tuple(w[rows] for w in row_weights),
             )
 
         if self.loss.reduction == "sequence" and bool(rows.any()):
@@ -140,26 +142,15 @@ class DistillStep(torch.nn.Module):
 
 def sequence_means(nll: torch.Tensor, kd: torch.Tensor, sums, weights) -> LossSums:
     """loss.reduction: sequence — Σ over sequences of each term's mean over that sequence's
-    own targets (nll, kd: [batch, seq-1] target masks; sums(rows, weights) → the two sums).
+    own targets (nll, kd: [batch, seq-1] target masks; sums(rows, weights, row_weights) → the
+    two sums), in one fused-loss call: each token weighs 1 / its sequence's target count.
 
     The loop divides these by the step's count of sequences with targets for each term, as
-    it divides token sums by token counts. The fused loss runs once per sequence (each holds
-    its own gradient buffers until backward), so micro-batch 1 costs nothing extra.
+    it divides token sums by token counts.
     """
-    n_nll, n_kd = nll.sum(1).tolist(), kd.sum(1).tolist()
-    total_nll = total_kd = None
-    for b, (a, k) in enumerate(zip(n_nll, n_kd)):
-        if a == 0 and k == 0:
-            continue
-        select = torch.zeros_like(nll)
-        select[b] = nll[b] | kd[b]
-        pair = None if weights is None else (weights[0] / a if a else 0.0,
-                                             weights[1] / k if k else 0.0)
-        s_nll, s_kd = sums(select.reshape(-1), None if pair == (0.0, 0.0) else pair)
-        mean_nll, mean_kd = (s_nll / a if a else s_nll), (s_kd / k if k else s_kd)
-        total_nll = mean_nll if total_nll is None else total_nll + mean_nll
-        total_kd = mean_kd if total_kd is None else total_kd + mean_kd
-    return LossSums(total_nll, total_kd)
+    per_sequence = lambda mask: (1.0 / mask.sum(1, keepdim=True).clamp(min=1)).expand(mask.shape)  # noqa: E731
+    row_weights = (per_sequence(nll).reshape(-1), per_sequence(kd).reshape(-1))
+    return LossSums(*sums((nll | kd).reshape(-1), weights, row_weights))
 
 
 def loss_weights(n_nll: int, n_kd: int, kd_ratio: float) -> tuple[float, float]:
