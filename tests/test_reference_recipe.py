@@ -16,7 +16,7 @@ from essence.errors import EssenceError
 from essence.loading import random_causal_lm
 from essence.step import DistillStep, combine, loss_weights, step_token_counts
 from essence.teacher import OnlineTeacher
-from essence.train import warn_global_batch
+from essence.trainer_setup import warn_global_batch
 from essence.trainer_setup import build_optimizer
 
 TINY = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,11 +22,10 @@ from essence.checkpoint import (
     save_checkpoint, save_model, set_rng_state, rng_state,
 )
 from essence.compute import Ledger, peak_memory_bytes, reset_peak_memory
-from essence.config import Config, TrainConfig, save_config
+from essence.config import Config, save_config
 from essence.config_checks import check_unchanged
-from essence.data.batching import Batch, Example, collate, plan_batches
-from essence.data.pipeline import prepare, to_example
-from essence.data.truncation import TruncationConfig, truncate
+from essence.data.batching import Batch, collate, plan_batches
+from essence.data.pipeline import prepare
 from essence.errors import EssenceError
 from essence.faults import fault_point
 from essence.io import write_json_atomic
@@ -36,7 +34,10 @@ from essence.step import (
     DistillStep, combine, continuation_count, continuation_loss_weight, loss_weights,
     step_token_counts,
 )
-from essence.trainer_setup import build_models, build_optimizer, make_accelerator
+from essence.trainer_setup import (
+    build_models, build_optimizer, check_inputs, make_accelerator, split_validation,
+    warn_global_batch,
+)
 from essence.saving import SavedStudent
 from essence.sharding import (
     full_optimizer_state, load_optimizer_state, register_head, shard_teacher,
@@ -45,42 +46,8 @@ from essence.teacher import OnlineTeacher
 from essence.tracking import MetricsLog
 
 
-def split_validation(prepared, config: Config) -> tuple[list[Example], list[Example]]:
-    """Hold out records for validation; validation sequences are NOT truncated.
-
-    Validation measures every run on the same whole sequences, so runs trained at different
-    truncation settings are comparable on one number.
-    """
-    n = len(prepared.examples)
-    fraction = config.data.val_fraction
-    n_val = 0 if fraction <= 0 else max(1, round(n * fraction))
-    if n_val >= n:
-        raise EssenceError(f"data.val_fraction={fraction} leaves no training records out of {n}")
-    order = list(range(n))
-    random.Random(config.train.seed).shuffle(order)
-    val_idx, train_idx = set(order[:n_val]), order[n_val:]
-    full = TruncationConfig()
-    val = [to_example(r, truncate(r.spans, full), config.data)
-           for i, r in enumerate(prepared.rendered) if i in val_idx]
-    return [prepared.examples[i] for i in sorted(train_idx)], val
-
-
 EVAL_DELAY_HOOK = "ESSENCE_TEST_EVAL_DELAY_S"
 """Test hook: seconds to wait before the end-of-run evaluation (tests of collective timeouts)."""
-
-
-def warn_global_batch(train: TrainConfig, world: int) -> str | None:
-    """Print (and return) a warning when the global batch is not the one the config expects."""
-    expected = train.expect_global_batch
-    actual = world * train.batch_size * train.grad_accum
-    if expected is None or actual == expected:
-        return None
-    message = (f"essence: warning: {world} processes × train.batch_size {train.batch_size} × "
-               f"train.grad_accum {train.grad_accum} = {actual} sequences per step, but this "
-               f"config expects {expected} (train.expect_global_batch); the recipe it reproduces "
-               "is not being followed")
-    print(message)
-    return message
 
 
 class Trainer:
@@ -451,19 +418,6 @@ def _progress(total: int, initial: int, enabled: bool):
 
     return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step",
                 dynamic_ncols=True)
-
-
-def check_inputs(config: Config) -> None:
-    """Everything a run reads after training, checked before the models load."""
-    from essence.data.records import read_rows
-    from essence.eval.benchmarks import BENCHMARKS, load_benchmark
-    from essence.loading import looks_local
-
-    if config.data.source and looks_local(config.data.source):
-        read_rows(config.data.source)  # a missing, binary or unknown-format file fails here
-    for bench in config.eval.benches:
-        if bench.strip().lower() not in BENCHMARKS:  # a local file: read it now
-            load_benchmark(bench, limit=config.eval.limit)
 
 
 def train(config: Config, out_dir: str | Path, resume: bool = False,

@@ -1,9 +1,11 @@
-"""Build what the loop needs from a config: accelerator, models, optimizer and schedule."""
+"""Build what the loop needs from a config: accelerator, models, optimizer and schedule, the
+validation split, and the checks of what a run reads before its models load."""
 
 from __future__ import annotations
 
 import datetime
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +13,9 @@ import torch
 
 from essence.compute import FlopModel, flop_model
 from essence.config import Config, TrainConfig
+from essence.data.batching import Example
+from essence.data.pipeline import to_example
+from essence.data.truncation import TruncationConfig, truncate
 from essence.errors import EssenceError
 from essence.loading import load_causal_lm, load_tokenizer, random_causal_lm, resolve
 from essence.lora import apply_lora
@@ -196,3 +201,50 @@ def _one_cycle(optimizer: torch.optim.Optimizer, config: TrainConfig, total_step
         )
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
                                                pct_start=config.warmup_ratio)
+
+
+def split_validation(prepared, config: Config) -> tuple[list[Example], list[Example]]:
+    """Hold out records for validation; validation sequences are NOT truncated.
+
+    Validation measures every run on the same whole sequences, so runs trained at different
+    truncation settings are comparable on one number.
+    """
+    n = len(prepared.examples)
+    fraction = config.data.val_fraction
+    n_val = 0 if fraction <= 0 else max(1, round(n * fraction))
+    if n_val >= n:
+        raise EssenceError(f"data.val_fraction={fraction} leaves no training records out of {n}")
+    order = list(range(n))
+    random.Random(config.train.seed).shuffle(order)
+    val_idx, train_idx = set(order[:n_val]), order[n_val:]
+    full = TruncationConfig()
+    val = [to_example(r, truncate(r.spans, full), config.data)
+           for i, r in enumerate(prepared.rendered) if i in val_idx]
+    return [prepared.examples[i] for i in sorted(train_idx)], val
+
+
+def warn_global_batch(train: TrainConfig, world: int) -> str | None:
+    """Print (and return) a warning when the global batch is not the one the config expects."""
+    expected = train.expect_global_batch
+    actual = world * train.batch_size * train.grad_accum
+    if expected is None or actual == expected:
+        return None
+    message = (f"essence: warning: {world} processes × train.batch_size {train.batch_size} × "
+               f"train.grad_accum {train.grad_accum} = {actual} sequences per step, but this "
+               f"config expects {expected} (train.expect_global_batch); the recipe it reproduces "
+               "is not being followed")
+    print(message)
+    return message
+
+
+def check_inputs(config: Config) -> None:
+    """Everything a run reads after training, checked before the models load."""
+    from essence.data.records import read_rows
+    from essence.eval.benchmarks import BENCHMARKS, load_benchmark
+    from essence.loading import looks_local
+
+    if config.data.source and looks_local(config.data.source):
+        read_rows(config.data.source)  # a missing, binary or unknown-format file fails here
+    for bench in config.eval.benches:
+        if bench.strip().lower() not in BENCHMARKS:  # a local file: read it now
+            load_benchmark(bench, limit=config.eval.limit)
