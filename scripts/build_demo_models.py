@@ -10,10 +10,11 @@ the same files.
 
 The two models are made the way the paper's are:
 
-- teacher (4 layers x 128): trained on complete traces of problems of every length up to the
-  demo's hardest, until it solves the demo's (harder) held-out problems greedily;
+- teacher (4 layers x 128): trained on complete traces of the demo's (hard) problems until it
+  solves held-out ones greedily;
 - base student (2 layers x 96): made the way a base model is: trained on complete traces of
-  *easier* problems (fewer steps) until it solves those. It knows the whole format (open the
+  *easier* problems (fewer steps), two conversations packed per sequence as pre-training packs
+  documents, until it solves most of those. It knows the whole format (open the
   think block, work, re-check, close it, write the solution up, box the answer, stop) and
   finishes its traces, but fails the harder problems the demo distils, as Qwen3-4B-Base
   knows how to conclude a text long before it can solve competition math.
@@ -74,7 +75,7 @@ STUDENT = ModelSpec(layers=2, hidden=96, steps=3500, lr=3e-3, batch=4, data=EASY
 # What the build must reach on held-out problems: the teacher solves the hard ones; the base
 # student solves the easy ones, finishes (closes its think block, boxes an answer, stops) on
 # the hard ones, and solves few of them.
-TEACHER_MIN, STUDENT_EASY_MIN, STUDENT_FINISHED_MIN, STUDENT_HARD_MAX = 0.95, 0.80, 0.95, 0.35
+TEACHER_MIN, STUDENT_EASY_MIN, STUDENT_FINISHED_MIN, STUDENT_HARD_MAX = 0.95, 0.75, 0.95, 0.35
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -295,7 +296,8 @@ def write_readme(out: Path, tok, builds: dict[str, dict]) -> None:
 
     rows = "\n".join(
         f"| {name} | {b['spec']['layers']} x {b['spec']['hidden']} | {b['params']:,} "
-        f"| {b['spec']['data'][0]}-{b['spec']['data'][1]} | {b['spec']['steps']} x {b['spec']['batch']} "
+        f"| {b['spec']['data'][0]}-{b['spec']['data'][1]} | {b['spec']['steps']} x {b['spec']['batch']}"
+        f"{' x ' + str(b['spec']['pack']) + ' packed' if b['spec'].get('pack', 1) > 1 else ''} "
         f"| {b['spec']['lr']:g} | {pct(b, 'hard', 'accuracy')} | {pct(b, 'hard', 'math_verify')} "
         f"| {pct(b, 'hard', 'finished')} | {pct(b, 'easy', 'accuracy')} | {pct(b, 'easy', 'finished')} "
         f"| {minutes(b['train_s'])} |"
@@ -312,9 +314,11 @@ digit, ChatML chat template, `<think>`/`</think>` single tokens, eos `<|im_end|>
 `<|endoftext|>`. Training text: user turn = problem + "\\n" + DEMO_INSTRUCTION, assistant turn =
 "<think>\\n" + reasoning + "\\n</think>\\n\\n" + answer; loss on the assistant turn only.
 
-- `teacher/`: trained on problems of every length up to the hardest; it solves the hard ones.
-- `student/`: the base student, made the way a base model is made: trained to convergence on
-  complete traces of *easy* problems only. It knows the whole format and finishes its traces
+- `teacher/`: trained on complete traces of the hard problems; it solves them.
+- `student/`: the base student, made the way a base model is made: trained on complete traces
+  of *easy* problems only, two conversations packed per training sequence (as pre-training packs
+  documents, so it has ended traces at every position a hard trace reaches; unpacked, a student
+  trained longer finished only 83% of the hard problems). It knows the whole format and finishes its traces
   (closes its think block, writes the solution up, boxes an answer, stops) on hard problems
   too, but gets most of those wrong: the teacher has the hard problems to teach it, and a
   fine-tune on lead spans need not teach it how to conclude.
@@ -330,7 +334,7 @@ graded by math-verify; finished: `<think>`, the working, `</think>`, an answer h
 `\\boxed{{N}}`, then `<|im_end|>`.
 
 Built by `python scripts/build_demo_models.py` (seed {SEED}; tokenizer data seed {TOKENIZER_SEED},
-training data seed {TRAIN_SEED}), fp32, torch {torch.__version__}, on {torch.get_num_threads()} CPU thread(s) of a
+training data seed {TRAIN_SEED}), fp32, torch {torch.__version__}, on one CPU thread (`--threads 1`) of a
 shared 2-core machine that other jobs kept busy (load average about 6): the training minutes
 above are as measured under that load; grading adds a minute or two per model. The same
 command on the same machine rebuilds the same files (`build.json` holds the numbers above).

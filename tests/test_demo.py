@@ -22,6 +22,8 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert rows["base-student"]["flops_saving_pct"] is None
     for name in ("report.md", "accuracy_vs_flops.png", "accuracy_vs_lsp.png"):
         assert (tmp_path / name).is_file()
+    derivations = json.loads((tmp_path / "derivations.json").read_text())  # working right, per run
+    assert set(derivations) == set(rows) and derivations["teacher"] >= rows["teacher"]["accuracy"] - 0.1
     details = (tmp_path / "runs" / "lsp-1.0" / "eval" / "details.jsonl").read_text().splitlines()
     assert len(details) == 40
     capsys.readouterr()

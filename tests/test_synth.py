@@ -15,7 +15,8 @@ import essence
 from essence.data.records import row_to_record
 from essence.data.render import render
 from essence.data.synth import (
-    CHECK_KINDS, DEFAULT_STEPS, DEMO_INSTRUCTION, EASY_STEPS, generate, solve, synth_command, write_jsonl,
+    CHECK_KINDS, DEFAULT_STEPS, DEMO_INSTRUCTION, EASY_STEPS, first_derivation, generate, solve, synth_command,
+    write_jsonl,
 )
 from essence.errors import EssenceError
 
@@ -93,7 +94,17 @@ def test_checks_are_distinct_varied_kinds_within_the_knob():
     assert all(len(set(r["meta"]["checks"])) == len(r["meta"]["checks"]) for r in rows)
     firsts = {r["meta"]["checks"][0] for r in rows}
     assert firsts == set(CHECK_KINDS)  # every kind leads some trace: the re-checks vary
-    assert {len(r["meta"]["checks"]) for r in generate(30, 1, checks=(0, 0))} == {0}
+    unchecked = generate(30, 1, checks=(0, 0))
+    assert {len(r["meta"]["checks"]) for r in unchecked} == {0}
+    assert not any(r["reasoning"].endswith("agrees") or "Everything agrees" in r["reasoning"] for r in unchecked)
+
+
+def test_first_derivation_reads_the_conclusion_of_the_working_not_the_answer():
+    for row in generate(50, 4):
+        assert first_derivation("<think>\n" + row["reasoning"]) == row["meta"]["result"]
+    looping = "<think>\nStart: 3.\nBuy 5: 3 + 5 = 8.\nSo Max has 8 shells.\nSo Max has 9 shells.\nLet me"
+    assert first_derivation(looping) == 8  # the first conclusion counts, boxed or not
+    assert first_derivation("The answer is \\boxed{8}.") is None
 
 
 def test_difficulty_knobs_set_steps_and_digits():

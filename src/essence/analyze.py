@@ -238,7 +238,8 @@ def analyze_command(data: str, teacher: str, *, student: str | None, tokenizer: 
     if out:
         folder = check_out_dir(out)
         write_json_atomic(folder / "analysis.json", summary)
-        plot(summary, folder / "analysis.png", f"{Path(data).name}: teacher {Path(teacher).name}")
+        who = f"teacher {teacher}" + (f", student {student}" if student else "")
+        plot(summary, folder / "analysis.png", f"{Path(data).name}: {who}")
         print(f"wrote {folder / 'analysis.json'} and {folder / 'analysis.png'}")
     return summary
 

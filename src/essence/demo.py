@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from essence.data.synth import DEMO_INSTRUCTION, generate, write_jsonl
+from essence.data.synth import DEMO_INSTRUCTION, first_derivation, generate, write_jsonl
 from essence.errors import EssenceError
 from essence.io import write_json_atomic
 from essence.rundir import check_out_dir
@@ -93,6 +93,20 @@ def claim_demo_dir(out: str | Path, settings: dict) -> Path:
     return out
 
 
+def derivation_rates(runs: Path) -> dict[str, float]:
+    """Per run: the share of held-out answers whose working concluded with the right value.
+
+    Beside the graded accuracy it tells a student that never learned the working from one that
+    learned it but did not close its thinking and box the answer (plain LSP's failure here).
+    """
+    rates = {}
+    for details in sorted(runs.glob("*/eval/details.jsonl")):
+        rows = [json.loads(line) for line in details.read_text(encoding="utf-8").splitlines()]
+        right = sum(first_derivation(r["responses"][0]) == int(r["gold"]) for r in rows if r["responses"])
+        rates[details.parents[1].name] = right / len(rows) if rows else 0.0
+    return rates
+
+
 def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seed: int = 0) -> list[dict]:
     """Run the demo into `out`; re-running skips what is complete. Returns the report rows."""
     from essence.report import build_report, wide_console
@@ -113,6 +127,10 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seed: int = 
     run_sweep(DEMO_CONFIG, [f"data.truncation.lsp={size['lsp']}"], runs, overrides)
     run_sweep(DEMO_CONFIG, [EXTRA_GRID], runs, overrides)
     rows = build_report(runs, out, console=wide_console())
+    rates = derivation_rates(runs)
+    write_json_atomic(out / "derivations.json", rates)
+    print("working concluded with the right value (first derivation, before any answer): "
+          + ", ".join(f"{name} {rate:.1%}" for name, rate in rates.items()))
     print(f"essence demo: finished in {time.perf_counter() - started:.0f} s; "
           f"report in {out / 'report.md'}")
     return rows

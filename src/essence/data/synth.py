@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from pathlib import Path
 
 from essence.errors import EssenceError
@@ -111,6 +112,19 @@ def solve(meta: dict) -> int:
     return value
 
 
+_CONCLUSION = re.compile(r"^So \S+ has (\d+)\b", re.M)
+
+
+def first_derivation(response: str) -> int | None:
+    """The value a response's working concludes with (its first "So Mia has N" line), or None.
+
+    The first correct derivation, read without the answer: a student that works the problem out
+    and then never closes its thinking is right here and wrong by the grader.
+    """
+    found = _CONCLUSION.search(response)
+    return int(found.group(1)) if found else None
+
+
 def _check_knobs(n: int, steps: tuple[int, int], digits: int, checks: tuple[int, int]) -> None:
     if n < 0:
         raise EssenceError(f"synth: --n must be >= 0, got {n}")
@@ -147,7 +161,10 @@ def _row(rng: random.Random, row_id: str, n_steps: int, digits: int, n_checks: i
     working.append(f"So {name} has {value} {item}.")
     kinds = rng.sample(CHECK_KINDS, n_checks)
     checks = [_check(rng, kind, start, steps, value) + " " + rng.choice(_AGREE).format(**fill) for kind in kinds]
-    reasoning = "\n".join(working + checks + [rng.choice(_CLOSERS).format(**fill)])
+    closer = rng.choice(_CLOSERS)  # drawn either way, so every row draws the same numbers
+    if not kinds:
+        closer = _CLOSERS[0]  # nothing was re-checked: no "everything agrees"
+    reasoning = "\n".join(working + checks + [closer.format(**fill)])
     meta = {"start": start, "ops": [list(op) for op in ops], "result": value, "steps": n_steps,
             "digits": digits, "checks": kinds, "derivation_end": len("\n".join(working))}
     assert solve(meta) == value, f"{row_id}: trace and ground truth disagree"
