@@ -226,3 +226,14 @@ def test_two_processes_survive_an_evaluation_longer_than_the_collective_timeout(
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["processes"] == 2 and "eval" in summary
+
+
+def test_a_binary_data_file_is_refused_before_any_model_loads(tmp_path, monkeypatch):
+    from essence import train as train_module
+
+    data = tmp_path / "garbage.jsonl"
+    data.write_bytes(bytes(range(256)) * 32)
+    monkeypatch.setattr(train_module, "build_models",
+                        lambda *a, **k: pytest.fail("models were built for a doomed run"))
+    with pytest.raises(EssenceError, match=r"garbage.jsonl is binary"):
+        train(load_config(TINY_YAML, [*QUICK, f"data.source={data}"]), tmp_path / "run")

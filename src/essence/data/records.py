@@ -339,7 +339,6 @@ def _lines(handle, limit: int) -> Iterator[tuple[bytes, bool]]:
 
 
 def _rows_jsonl(path: Path) -> Iterator[tuple[Any, str | None]]:
-    _check_text_file(path)
     with path.open("rb") as handle:
         for number, (raw, complete) in enumerate(_lines(handle, MAX_ROW_BYTES)):
             if not complete:
@@ -363,7 +362,6 @@ def _rows_jsonl(path: Path) -> Iterator[tuple[Any, str | None]]:
 
 
 def _rows_json(path: Path) -> Iterator[tuple[Any, str | None]]:
-    _check_text_file(path)
     try:
         text = _decode(path.read_bytes(), first=True)
         data = json.loads(text)
@@ -437,6 +435,8 @@ def read_rows(source: str, config: str | None = None,
         path.open("rb").close()
     except OSError as err:
         raise EssenceError(f"data file {source} cannot be read: {err.strerror}") from None
+    if suffix in (".jsonl", ".json"):  # here, not in the lazy readers: checked on the call
+        _check_text_file(path)
     return readers[suffix](path)
 
 
