@@ -105,3 +105,21 @@ def data_file(tmp_path_factory):
     names = ["bespoke_stratos", "openr1_messages", "flat_columns"]
     path.write_text("".join((RECORDS / f"{n}.jsonl").read_text() for n in names))
     return path
+
+
+def train_interrupted(config, run_dir: Path, after_step: int) -> None:
+    """Train until `after_step` optimizer steps are done, then stop as a kill would (a
+    KeyboardInterrupt inside the next step, after its checkpoints so far)."""
+    from essence import train as train_module
+
+    original = train_module.Trainer.optimizer_step
+
+    def dying(self, batches):
+        if self.step == after_step:
+            raise KeyboardInterrupt
+        return original(self, batches)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module.Trainer, "optimizer_step", dying)
+        with pytest.raises(KeyboardInterrupt):
+            train_module.train(config, run_dir)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY, build_small_tokenizer
+from conftest import TINY, build_small_tokenizer, train_interrupted
 from essence.compute import FlopModel, Ledger
 from essence.config import load_config
 from essence.data.batching import SEGMENT_SAMPLED, Example, collate
@@ -249,24 +249,13 @@ def test_report_shows_what_generation_cost(tmp_path):
     assert "| lts | lsp=0.5 | lead_then_student@1 |" in markdown and "| 2e+09 | 1.5 s |" in markdown
 
 
-def test_kill_and_resume_equals_uninterrupted_with_sampling(tokenizer_dir, data_file, tmp_path,
-                                                            monkeypatch):
+def test_kill_and_resume_equals_uninterrupted_with_sampling(tokenizer_dir, data_file, tmp_path):
     overrides = ["train.max_steps=5", "train.save_every=2", "data.truncation.lsp=0.5",
                  "sampling.method=lead_then_student", "sampling.fraction=0.6"]
     train(tiny_config(tokenizer_dir, data_file, *overrides), tmp_path / "straight")
-    from essence import train as train_module
-
-    original = train_module.Trainer.optimizer_step
-
-    def dying(self, batches):
-        if self.step == 3:  # steps 1-3 done, checkpoint at 2: die in the middle of step 4
-            raise KeyboardInterrupt
-        return original(self, batches)
-
-    monkeypatch.setattr(train_module.Trainer, "optimizer_step", dying)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(tokenizer_dir, data_file, *overrides), tmp_path / "killed")
-    monkeypatch.setattr(train_module.Trainer, "optimizer_step", original)
+    # steps 1-3 done, checkpoint at 2: die in the middle of step 4
+    train_interrupted(tiny_config(tokenizer_dir, data_file, *overrides), tmp_path / "killed",
+                      after_step=3)
     resumed = train(tiny_config(tokenizer_dir, data_file, *overrides), tmp_path / "killed",
                     resume=True)
     straight = json.loads((tmp_path / "straight" / "summary.json").read_text())

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, build_small_tokenizer
+from conftest import TINY, build_small_tokenizer, train_interrupted
 from essence.config import load_config
 from essence.data.batching import collate
 from essence.data.pipeline import prepare
@@ -80,22 +80,12 @@ def test_accumulation_is_equivalent_to_a_big_batch(tokenizer_dir, data_file):
     torch.testing.assert_close(many_small, one_big, rtol=1e-4, atol=1e-6)
 
 
-def test_kill_and_resume_equals_uninterrupted(tokenizer_dir, data_file, tmp_path, monkeypatch):
+def test_kill_and_resume_equals_uninterrupted(tokenizer_dir, data_file, tmp_path):
     overrides = ["train.max_steps=6", "train.save_every=2", "train.epochs=3"]
     train(tiny_config(tokenizer_dir, data_file, *overrides), tmp_path / "straight")
-    from essence import train as train_module
-
-    original = train_module.Trainer.optimizer_step
-
-    def dying(self, batches):
-        if self.step == 3:  # steps 1-3 done, checkpoint at 2: die in the middle of step 4
-            raise KeyboardInterrupt
-        return original(self, batches)
-
-    monkeypatch.setattr(train_module.Trainer, "optimizer_step", dying)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(tokenizer_dir, data_file, *overrides), tmp_path / "killed")
-    monkeypatch.setattr(train_module.Trainer, "optimizer_step", original)
+    # steps 1-3 done, checkpoint at 2: die in the middle of step 4
+    train_interrupted(tiny_config(tokenizer_dir, data_file, *overrides), tmp_path / "killed",
+                      after_step=3)
     assert (tmp_path / "killed" / "checkpoints" / "latest").read_text().strip() == "step-000002"
     resumed = train(tiny_config(tokenizer_dir, data_file, *overrides), tmp_path / "killed",
                     resume=True)
