@@ -267,6 +267,10 @@ def test_cache_command(tokenizer_dir, data_file, tmp_path, capsys):
     # The same folder, other settings: refused, not mixed.
     assert main(["teacher", "cache", str(config_file), "model.teacher_cache_k=8", "--out", str(out)]) == 2
     assert "holds a teacher cache of another experiment" in capsys.readouterr().err
+    # An --out below a file is one line, not a traceback.
+    (tmp_path / "afile").write_text("x")
+    assert main(["teacher", "cache", str(config_file), "--out", str(tmp_path / "afile" / "c")]) == 2
+    assert "which is a file; choose another --out" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("vocab", [400, 65536, 151936])

@@ -185,8 +185,9 @@ def build_cache(config, out: str | Path, *, batch_size: int = 4, shard_records: 
     vocab = len(tokenizer)
     settings = cache_settings(config, vocab)
     state = {"fingerprint": fingerprint(config, tokenizer, rendered), "settings": asdict(settings)}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    from essence.rundir import check_out_dir
+
+    out = check_out_dir(out)  # a file, below a file, read-only: one line, not a traceback
     if _check_out(out, state):
         return json.loads((out / MANIFEST).read_text())
     if accelerator.is_main_process:
