@@ -4,6 +4,7 @@ resume and in sweeps, and an end-of-run evaluation that frees training memory fi
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -237,3 +238,24 @@ def test_a_binary_data_file_is_refused_before_any_model_loads(tmp_path, monkeypa
                         lambda *a, **k: pytest.fail("models were built for a doomed run"))
     with pytest.raises(EssenceError, match=r"garbage.jsonl is binary"):
         train(load_config(TINY_YAML, [*QUICK, f"data.source={data}"]), tmp_path / "run")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["data", "synth", "--n", "0", "--out", "x.jsonl"], "argument --n: 0 must be at least 1"),
+    (["data", "profile", "d.jsonl", "--tokenizer", "t", "--limit", "0"], "--limit: 0 must be at least 1"),
+    (["analyze", "d.jsonl", "--teacher", "t", "--limit", "x"], "--limit: 'x' is not a whole number"),
+    (["study", "--train", "0"], "argument --train: 0 must be at least 1"),
+    (["study", "--lsp", "1.0,1.5", "--out", "OUT"], r"--lsp '1.0,1.5': .*lsp must be within \(0, 1\]"),
+])
+def test_bad_command_counts_are_one_line(argv, message, tmp_path, capsys):
+    from essence.cli import main
+
+    argv = [str(tmp_path / "study") if a == "OUT" else a for a in argv]
+    try:
+        code = main(argv)
+    except SystemExit as exit:  # argparse refuses a bad type before the command runs
+        code = exit.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert "Traceback" not in err and not (tmp_path / "study" / "data").exists()

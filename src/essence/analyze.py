@@ -246,12 +246,14 @@ def analyze_command(data: str, teacher: str, *, student: str | None, tokenizer: 
 
 def add_parser(sub) -> None:
     """The `essence analyze` subcommand."""
+    from essence.cli import count
+
     p = sub.add_parser("analyze", help="teacher entropy, student KL and the first derivation per CoT decile")
     p.add_argument("data", help="a .jsonl/.json/.parquet file or a hub dataset name")
     p.add_argument("--teacher", required=True, help="teacher model (folder, hub id or essence: asset)")
     p.add_argument("--student", default=None, help="student model: adds KL(teacher ‖ student) per decile")
     p.add_argument("--tokenizer", default=None, help="default: the student's, else the teacher's")
-    p.add_argument("--limit", type=int, default=None, help="the first N records")
+    p.add_argument("--limit", type=count, default=None, help="the first N records")
     p.add_argument("--system-prompt", default="keep", help="keep, drop, or a replacement text")
     p.add_argument("--chat-template", default=None, help="built-in name or Jinja file")
     p.add_argument("--out", default=None, help="folder for analysis.json and analysis.png")

@@ -9,6 +9,17 @@ import sys
 from essence.errors import EssenceError
 
 
+def count(text: str) -> int:
+    """An argparse type: a whole number ≥ 1 (record, problem and sample counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def _data_config(args: argparse.Namespace, **truncation):
     from essence.data.pipeline import DataConfig
     from essence.data.truncation import TruncationConfig
@@ -118,7 +129,7 @@ def _add_data_source(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="hub dataset configuration")
     parser.add_argument("--split", default="train", help="hub dataset split")
     parser.add_argument("--field-map", default="", help="other columns: prompt=q,cot=r,answer=a")
-    parser.add_argument("--limit", type=int, default=None,
+    parser.add_argument("--limit", type=count, default=None,
                         help="the first N records that pass the filters (--max-length, bad rows)")
     parser.add_argument("--system-prompt", default="keep",
                         help="keep, drop, or a text that replaces each record's system prompt")
@@ -159,7 +170,7 @@ def _data_parsers(sub) -> None:
     show.set_defaults(func=_data_show)
 
     synth = data_sub.add_parser("synth", help="write the synthetic arithmetic reasoning task")
-    synth.add_argument("--n", type=int, default=1000)
+    synth.add_argument("--n", type=count, default=1000)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--min-steps", type=int, default=DEFAULT_STEPS[0])
     synth.add_argument("--max-steps", type=int, default=DEFAULT_STEPS[1])

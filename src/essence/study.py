@@ -87,6 +87,19 @@ def reference_row(name: str, model: str, heldout: Path, runs: Path, seed: int,
                                                  "eval": result, "eval_time_s": time.perf_counter() - started})
 
 
+def _check_lsps(lsp: str) -> None:
+    """Refuse a bad --lsp list before any stage runs (each value as data.truncation.lsp checks it)."""
+    from essence.data.truncation import TruncationConfig
+
+    for text in lsp.split(","):
+        try:
+            TruncationConfig(lsp=float(text))
+        except ValueError:
+            raise EssenceError(f"--lsp {lsp!r}: {text!r} is not a number; e.g. 1.0,0.5") from None
+        except EssenceError as err:
+            raise EssenceError(f"--lsp {lsp!r}: {err}") from None
+
+
 def run_study(out: str | Path, *, base: str | None = None, n_train: int = 1000, n_heldout: int = 100,
               lsp: str = "1.0,0.5", seed: int = 0, full_student: bool = False,
               overrides: list[str] = ()) -> list[dict]:
@@ -95,6 +108,7 @@ def run_study(out: str | Path, *, base: str | None = None, n_train: int = 1000, 
     from essence.report import build_report, wide_console
     from essence.sweep import run_sweep
 
+    _check_lsps(lsp)
     settings = {"base": base or "smollm2", "train": n_train, "heldout": n_heldout, "lsp": lsp,
                 "seed": seed, "full_student": full_student, "overrides": list(overrides)}
     out = claim_study_dir(Path(out), settings)
@@ -131,10 +145,12 @@ def run_study(out: str | Path, *, base: str | None = None, n_train: int = 1000, 
 
 def add_parser(sub) -> None:
     """The `essence study` subcommand."""
+    from essence.cli import count
+
     p = sub.add_parser("study", help="the LSP claim on SmolLM2-135M (hours on CPU; resumable)")
     p.add_argument("--out", default="runs/study", help="the study's folder (rerun to resume)")
-    p.add_argument("--train", type=int, default=1000, help="training traces (the token budget)")
-    p.add_argument("--heldout", type=int, default=100, help="held-out problems")
+    p.add_argument("--train", type=count, default=1000, help="training traces (the token budget)")
+    p.add_argument("--heldout", type=count, default=100, help="held-out problems")
     p.add_argument("--lsp", default="1.0,0.5", help="LSPs to distil at, e.g. 1.0,0.75,0.5,0.25")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base", default=None, help="base model folder (default: the fetched SmolLM2)")
