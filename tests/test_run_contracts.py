@@ -4,8 +4,8 @@ resume and in sweeps, and an end-of-run evaluation that frees training memory fi
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
