@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import re
 import time
@@ -70,7 +71,7 @@ class ModelSpec:
     packed documents: the base student then ends a trace at every position a hard trace reaches."""
 
 
-TEACHER = ModelSpec(layers=4, hidden=128, steps=3200, lr=2e-3, batch=8, data=STEPS)
+TEACHER = ModelSpec(layers=4, hidden=128, steps=3000, lr=2e-3, batch=4, data=STEPS)
 STUDENT = ModelSpec(layers=2, hidden=96, steps=3500, lr=3e-3, batch=4, data=EASY, pack=2)
 # What the build must reach on held-out problems: the teacher solves the hard ones; the base
 # student solves the easy ones, finishes (closes its think block, boxes an answer, stops) on
@@ -301,8 +302,11 @@ def write_readme(out: Path, tok, builds: dict[str, dict]) -> None:
         f"| {b['spec']['lr']:g} | {pct(b, 'hard', 'accuracy')} | {pct(b, 'hard', 'math_verify')} "
         f"| {pct(b, 'hard', 'finished')} | {pct(b, 'easy', 'accuracy')} | {pct(b, 'easy', 'finished')} "
         f"| {minutes(b['train_s'])} |"
-        for name, b in builds.items()
+        for name, b in builds.items() if name != "_run"
     )
+    run = builds.get("_run", {})
+    total = f"{run['total_s'] / 60:.1f} minutes" if run.get("total_s") else "(not recorded)"
+    load = f"{run['load_average']:.1f}" if run.get("load_average") is not None else "(not recorded)"
     (out / "README.md").write_text(f"""# Embedded demo models
 
 Two small Llama causal LMs for `essence demo`, trained from scratch on the synthetic task
@@ -334,10 +338,10 @@ graded by math-verify; finished: `<think>`, the working, `</think>`, an answer h
 `\\boxed{{N}}`, then `<|im_end|>`.
 
 Built by `python scripts/build_demo_models.py` (seed {SEED}; tokenizer data seed {TOKENIZER_SEED},
-training data seed {TRAIN_SEED}), fp32, torch {torch.__version__}, on one CPU thread (`--threads 1`) of a
-shared 2-core machine that other jobs kept busy (load average about 6): the training minutes
-above are as measured under that load; grading adds a minute or two per model. The same
-command on the same machine rebuilds the same files (`build.json` holds the numbers above).
+training data seed {TRAIN_SEED}), fp32, torch {torch.__version__}, on one CPU thread (`--threads 1`)
+of a 2-core machine: {total} in all, tokenizer, data and grading included (load average
+{load} at the end: the other core was busy). The same command on the same machine rebuilds
+the same files (`build.json` holds the numbers above).
 """)
 
 
@@ -346,6 +350,7 @@ def record_build(out: Path, name: str, spec: ModelSpec, params: int, scores: dic
     """Merge one model's build into out/build.json (so models built one at a time share a README)."""
     path = out / "build.json"
     builds = json.loads(path.read_text()) if path.is_file() else {}
+    builds.pop("_run", None)  # a partial build: the whole build's wall time no longer describes the files
     builds[name] = {"spec": asdict(spec), "params": params, "train_s": train_s,
                     "scores": {k: {f: getattr(s, f) for f in ("accuracy", "math_verify", "finished")}
                                for k, s in scores.items()}}
@@ -364,6 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train-seconds", type=float, default=None, help="with --regrade: the build's time")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    started = time.time()
     out = Path(args.out)
     tok = build_tokenizer()
     eval_sets = {"hard": generate(200, EVAL_SEED, steps=STEPS, digits=DIGITS),
@@ -390,9 +396,13 @@ def main(argv: list[str] | None = None) -> None:
         if not args.regrade:
             save(model.to("cpu"), tok, out / name)
         builds = record_build(out, name, spec, model.num_parameters(), results[name][2], train_s)
+    total_s = time.time() - started
     if {"teacher", "student"} <= set(builds):
+        if not args.only and not args.regrade:  # a whole build: its wall time and the machine's load
+            builds["_run"] = {"total_s": total_s, "load_average": os.getloadavg()[0]}
+            (out / "build.json").write_text(json.dumps(builds, indent=1) + "\n")
         write_readme(out, tok, builds)
-    print(f"done; wrote {out}")
+    print(f"done in {total_s / 60:.1f} minutes; wrote {out}")
     if missed := targets_missed(results):
         raise SystemExit("targets missed: " + "; ".join(missed) + "; change TEACHER / STUDENT")
 
