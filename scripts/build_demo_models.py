@@ -340,7 +340,7 @@ graded by math-verify; finished: `<think>`, the working, `</think>`, an answer h
 Built by `python scripts/build_demo_models.py` (seed {SEED}; tokenizer data seed {TOKENIZER_SEED},
 training data seed {TRAIN_SEED}), fp32, torch {torch.__version__}, on one CPU thread (`--threads 1`)
 of a 2-core machine: {total} in all, tokenizer, data and grading included (load average
-{load} at the end: the other core was busy). The same command on the same machine rebuilds
+{load} at the end of the build). The same command on the same machine rebuilds
 the same files (`build.json` holds the numbers above).
 """)
 
