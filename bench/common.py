@@ -104,8 +104,9 @@ def load_models(args: argparse.Namespace):
     if args.models == "smollm2":
         from transformers import AutoModelForCausalLM
 
-        from essence.loading import load_tokenizer
-        from essence.models import drop_layers, fetch_smollm2
+        from essence.models.fetch import fetch_smollm2
+        from essence.models.layers import drop_layers
+        from essence.models.loading import load_tokenizer
 
         path = fetch_smollm2(Path(args.cache_dir) if args.cache_dir else None)
         tokenizer = load_tokenizer(str(path))
@@ -114,7 +115,7 @@ def load_models(args: argparse.Namespace):
         teacher = teacher.to(device, teacher_dtype)
         student = student.to(device)
     else:
-        from essence.loading import load_tokenizer
+        from essence.models.loading import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer)
         student = random_model(dims(args.student), device, torch.float32, seed=0)
@@ -179,16 +180,17 @@ def example(rendered, spans, lsp: float = 1.0):
 
 
 class EssenceStep:
-    """One optimizer step as essence.train's Trainer takes it: DistillStep (the fused chunked
+    """One optimizer step as essence.train.loop's Trainer takes it: DistillStep (the fused chunked
     loss), loss normalised once over all micro-batches, accelerate backward, clip, AdamW."""
 
     def __init__(self, student, teacher, tokenizer, args: argparse.Namespace, kd_ratio: float = 0.5):
         import torch
 
-        from essence.config import LossConfig, TrainConfig
-        from essence.step import DistillStep
-        from essence.teacher import OnlineTeacher
-        from essence.trainer_setup import build_optimizer, make_accelerator
+        from essence.config.schema import LossConfig, TrainConfig
+        from essence.models.runtime import make_accelerator
+        from essence.teacher.sources import OnlineTeacher
+        from essence.train.setup import build_optimizer
+        from essence.train.step import DistillStep
 
         precision = "bf16" if args.dtype == "bfloat16" else "no"
         self.train_config = TrainConfig(mixed_precision=precision, max_grad_norm=1.0)
@@ -202,7 +204,7 @@ class EssenceStep:
         self.teacher = OnlineTeacher(teacher, self.accelerator.device)
 
     def __call__(self, batches) -> float:
-        from essence.step import combine, loss_weights, step_token_counts
+        from essence.train.step import combine, loss_weights, step_token_counts
 
         n_nll, n_kd = step_token_counts(batches)
         weights = loss_weights(n_nll, n_kd, self.loss.kd_ratio)

@@ -69,11 +69,11 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 # essence from this checkout, without touching the installed torch / transformers.
-if ! "$PY" -c "import essence.step" 2>/dev/null; then
+if ! "$PY" -c "import essence.train.step" 2>/dev/null; then
   "$PY" -m pip install -q --no-deps --no-build-isolation -e . >&2 2>/dev/null \
     || say "pip install -e . failed; using PYTHONPATH=$(pwd)/src instead"
-  "$PY" -c "import essence.step" 2>/dev/null || export PYTHONPATH="$(pwd)/src${PYTHONPATH:+:$PYTHONPATH}"
-  "$PY" -c "import essence.step" || die "cannot import essence from $(pwd)/src"
+  "$PY" -c "import essence.train.step" 2>/dev/null || export PYTHONPATH="$(pwd)/src${PYTHONPATH:+:$PYTHONPATH}"
+  "$PY" -c "import essence.train.step" || die "cannot import essence from $(pwd)/src"
 fi
 
 if [ "${SMALL:-0}" = 1 ]; then
@@ -134,7 +134,7 @@ two_layers = lambda preset: dict(preset, num_hidden_layers=2)
     two_layers(student), two_layers(teacher), epochs=4, max_steps=2, save_every=1)))
 EOF
 
-run_case cuda_tests "$PY" -m pytest -q -p no:cacheprovider tests/test_precision.py tests/test_losses.py -k "$TESTS_K"
+run_case cuda_tests "$PY" -m pytest -q -p no:cacheprovider tests/train/test_precision.py tests/loss/test_losses.py -k "$TESTS_K"
 
 run_case train_big "$PY" -m essence train "$OUT/train_big.yaml" --out "$OUT/train_big"
 

@@ -46,7 +46,7 @@ for name, spec in specs.items():
     b.save(model.to("cpu"), tok, out / name)
 PY
 
-"$PY" -c "from essence.demo import write_data; write_data(__import__('pathlib').Path('$OUT/data'), \
+"$PY" -c "from essence.experiments.demo import write_data; write_data(__import__('pathlib').Path('$OUT/data'), \
     $([ "$SMALL" = 1 ] && echo 16 || echo 4000), $([ "$SMALL" = 1 ] && echo 4 || echo 200), 0)"
 D=(model.student="$OUT/models/student" model.teacher="$OUT/models/teacher"
    data.source="$OUT/data/train.jsonl" "eval.benches=[$OUT/data/heldout.jsonl]"

@@ -14,7 +14,7 @@ tokens (CoT repeated as needed). Each is truncated to its lead span with essence
 
 All LSPs run in one process, after one untimed warm-up step at LSP 1.0 (it allocates AdamW's
 state), in --repeats rounds whose order rotates; medians are reported. FLOPs are the model
-FLOPs of essence.compute (student training 3 × forward, teacher forward; 2·P·T + 4·L·d·T² per
+FLOPs of essence.train.accounting (student training 3 × forward, teacher forward; 2·P·T + 4·L·d·T² per
 sequence). Memory: "step" is one step's peak above what the process held just before it
 (activations, logits, gradients — what truncation can shrink), "peak" the same peak above what
 it held once models and data were loaded (adds AdamW's state, which does not shrink), "total"
@@ -77,7 +77,7 @@ def batches_at(items: list, lsp: float, pad_id: int) -> list:
 
 
 def measure(args: argparse.Namespace) -> tuple[dict[float, dict], list[int]]:
-    from essence.compute import flop_model
+    from essence.models.flops import flop_model
 
     student, teacher, tokenizer = load_models(args)
     items = traces(tokenizer, args.lengths)

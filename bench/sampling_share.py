@@ -33,8 +33,8 @@ METHODS = ("plain", "lead_then_student", "on_policy")
 
 
 def run(args, method: str, new_tokens: int, out: Path) -> dict:
-    from essence.config import load_config
-    from essence.train import train
+    from essence.config.load import load_config
+    from essence.train.loop import train
 
     overrides = [
         f"model.tokenizer={QWEN3_TOKENIZER}", f"model.student_init={json.dumps(dims(args.student))}",

@@ -37,8 +37,8 @@ DISTILLKIT = {50: 114, 128: 300}  # published bytes per token of DistillKit's to
 
 
 def build(args, tokenizer_dir: Path, data: Path, out: Path, k: int, mode: str = "topk") -> dict:
-    from essence.cache_build import build_cache
-    from essence.config import load_config
+    from essence.config.load import load_config
+    from essence.teacher.cache_build import build_cache
 
     config = load_config(None, [
         f"model.student={tokenizer_dir}", f"model.teacher={tokenizer_dir}",
@@ -49,7 +49,7 @@ def build(args, tokenizer_dir: Path, data: Path, out: Path, k: int, mode: str = 
 
 
 def storage(args, teacher_dir: Path, data: Path, work: Path) -> list[dict]:
-    from essence.teacher_cache import CacheSettings, row_bytes
+    from essence.teacher.cache_format import CacheSettings, row_bytes
 
     rows = []
     for k in KS:
@@ -67,10 +67,10 @@ def kd_errors(student, teacher, tokenizer, args) -> list[dict]:
     import numpy as np
     import torch
 
-    from essence.cache_build import TorchTeacherPass
-    from essence.losses import divergence
-    from essence.sparse_kd import SparseTargets, narrow_topk, sparse_divergence
-    from essence.teacher_cache import CacheSettings, decode, encode
+    from essence.loss.divergences import divergence
+    from essence.loss.sparse_kd import SparseTargets, narrow_topk, sparse_divergence
+    from essence.teacher.cache_build import TorchTeacherPass
+    from essence.teacher.cache_format import CacheSettings, decode, encode
 
     rendered, _ = trace(tokenizer)
     ids = torch.tensor([rendered.input_ids])
@@ -85,7 +85,7 @@ def kd_errors(student, teacher, tokenizer, args) -> list[dict]:
         pass_ = TorchTeacherPass(torch.nn.Identity(), settings, vocab, torch.device("cpu"), 0)
         parts = pass_._topk(z_t) if settings.mode == "topk" else pass_._sampled(
             z_t, torch.Generator().manual_seed(settings.seed))
-        from essence.teacher_cache import RecordTargets
+        from essence.teacher.cache_format import RecordTargets
 
         blob = encode(RecordTargets(*parts), settings, vocab)
         return decode(blob, rows_n, settings, vocab), len(blob) / rows_n
@@ -144,11 +144,11 @@ def sweep_cost(args, teacher, tokenizer, teacher_dir: Path, data: Path, work: Pa
     """Teacher FLOPs and seconds of a 4-point LSP sweep, cached vs online (one epoch each)."""
     import torch
 
-    from essence.compute import flop_model
-    from essence.config import load_config
+    from essence.config.load import load_config
     from essence.data.batching import collate
     from essence.data.pipeline import prepare
-    from essence.teacher import CachedTeacher, OnlineTeacher
+    from essence.models.flops import flop_model
+    from essence.teacher.sources import CachedTeacher, OnlineTeacher
 
     manifest = build(args, teacher_dir, data, work / "k64", 64)  # built in storage(): reused
     vocab = len(tokenizer)
@@ -189,7 +189,7 @@ def main() -> None:
     if args.models != "smollm2":
         sys.exit("this bench measures the real SmolLM2 teacher: --models smollm2")
     student, teacher, tokenizer = load_models(args)
-    from essence.models import fetch_smollm2
+    from essence.models.fetch import fetch_smollm2
 
     teacher_dir = fetch_smollm2(Path(args.cache_dir) if args.cache_dir else None)
     fixtures = REPO / "tests" / "fixtures" / "records"

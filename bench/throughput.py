@@ -8,7 +8,7 @@
 Variants, each a full optimizer step (forward + backward + clip + AdamW) on the same batch:
 
 - essence: DistillStep with the fused chunked loss, (1-λ)·NLL + λ·forward KL at λ = 0.5, the
-  step normalised once (loss_weights / combine), under accelerate as essence.train runs it;
+  step normalised once (loss_weights / combine), under accelerate as essence.train.loop runs it;
 - trl_gkd: TRL's GKDTrainer in supervised mode (lmbda=0: never generates on-policy; seq_kd off;
   beta=0: its generalized JSD is then KL(p_T‖p_S), forward KL, checked in trl/experimental/gkd/
   gkd_trainer.py), its own Trainer loop (trainer.train) timed from on_step_begin to on_step_end;
@@ -99,8 +99,9 @@ def essence_step(args, student, teacher, tokenizer, batch):
 
 def nll_step(args, student, batch):
     """Plain fine-tuning: HF's own cross-entropy over the full logits, same optimizer and loop."""
-    from essence.config import TrainConfig
-    from essence.trainer_setup import build_optimizer, make_accelerator
+    from essence.config.schema import TrainConfig
+    from essence.models.runtime import make_accelerator
+    from essence.train.setup import build_optimizer
 
     config = TrainConfig(mixed_precision="bf16" if args.dtype == "bfloat16" else "no", max_grad_norm=1.0)
     accelerator = make_accelerator(config)

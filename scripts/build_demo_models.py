@@ -38,10 +38,25 @@ from pathlib import Path
 
 import torch
 from math_verify import parse, verify
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from essence.data.synth import DEFAULT_DIGITS, DEFAULT_STEPS, DEMO_INSTRUCTION, EASY_STEPS, generate
+from essence.data.synth import (
+    DEFAULT_DIGITS,
+    DEFAULT_STEPS,
+    DEMO_INSTRUCTION,
+    EASY_STEPS,
+    generate,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 1234

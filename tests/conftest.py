@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def smollm2(real_cache) -> Path:
     they must run, so a failed fetch fails them.
     """
     from essence.errors import EssenceError
-    from essence.models import fetch_smollm2, smollm2_dir
+    from essence.models.fetch import fetch_smollm2, smollm2_dir
 
     try:
         return fetch_smollm2(real_cache)
@@ -110,7 +111,7 @@ def data_file(tmp_path_factory):
 def train_interrupted(config, run_dir: Path, after_step: int) -> None:
     """Train until `after_step` optimizer steps are done, then stop as a kill would (a
     KeyboardInterrupt inside the next step, after its checkpoints so far)."""
-    from essence import train as train_module
+    from essence.train import loop as train_module
 
     original = train_module.Trainer.optimizer_step
 
@@ -123,3 +124,20 @@ def train_interrupted(config, run_dir: Path, after_step: int) -> None:
         patch.setattr(train_module.Trainer, "optimizer_step", dying)
         with pytest.raises(KeyboardInterrupt):
             train_module.train(config, run_dir)
+
+
+def tiny_config(tokenizer_dir, data_file, *overrides):
+    """A config for a two-epoch run of a tiny student and teacher built from TINY."""
+    teacher = dict(TINY, hidden_size=24)
+    base = [f"model.tokenizer={tokenizer_dir}", f"data.source={data_file}",
+            f"model.student_init={json.dumps(TINY)}", f"model.teacher_init={json.dumps(teacher)}",
+            "train.batch_size=2", "train.epochs=2", "train.lr=0.01", "train.progress=false",
+            "train.warmup_ratio=0"]
+    from essence.config.load import load_config
+
+    return load_config(None, base + list(overrides))
+
+
+def metrics(run: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl."""
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]

@@ -7,23 +7,12 @@ import json
 import sys
 
 from essence.errors import EssenceError
-
-
-def count(text: str) -> int:
-    """An argparse type: a whole number ≥ 1 (record, problem and sample counts)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+from essence.fields import count
 
 
 def _data_config(args: argparse.Namespace, **truncation):
     from essence.data.pipeline import DataConfig
     from essence.data.truncation import TruncationConfig
-
     from essence.eval.command import parse_field_map
 
     field_map = parse_field_map(args.field_map) or {}
@@ -40,7 +29,7 @@ def _data_profile(args: argparse.Namespace) -> int:
 
     from essence.data.inspect import print_profile, profile
     from essence.data.truncation import TruncationConfig
-    from essence.loading import load_tokenizer
+    from essence.models.loading import load_tokenizer
 
     truncations = [TruncationConfig(lsp=x) for x in args.lsp]
     positions = args.window_position or ["left"]  # no --window-position: the paper's left half
@@ -62,7 +51,7 @@ def _data_show(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from essence.data.inspect import show
-    from essence.loading import load_tokenizer
+    from essence.models.loading import load_tokenizer
 
     truncation = {"lsp": args.lsp}
     if args.window:
@@ -85,8 +74,8 @@ def _data_synth(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from essence.config import load_config
-    from essence.train import train
+    from essence.config.load import load_config
+    from essence.train.loop import train
 
     config = load_config(args.config, args.overrides)
     train(config, out_dir=args.out, resume=args.resume, overwrite=args.overwrite)
@@ -94,7 +83,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from essence.sweep import run_sweep
+    from essence.experiments.sweep import run_sweep
 
     results = run_sweep(args.config, args.grid, args.out, args.overrides,
                         overwrite=args.overwrite)
@@ -102,7 +91,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from essence.report import build_report, wide_console
+    from essence.experiments.report import build_report, wide_console
 
     build_report(args.runs, args.out, args.baseline, console=wide_console())
     print(f"wrote report.md, report.json and plots to {args.out or args.runs}")
@@ -110,14 +99,14 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _models_fetch(args: argparse.Namespace) -> int:
-    from essence.models import models_command
+    from essence.models.fetch import models_command
 
     print(models_command(args.name, cache_dir=args.cache_dir, force=args.force))
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from essence.demo import run_demo
+    from essence.experiments.demo import run_demo
 
     run_demo(args.out, quick=args.quick, seed=args.seed)
     return 0
@@ -232,12 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--force", action="store_true", help="fetch again even if cached")
     fetch.set_defaults(func=_models_fetch)
 
-    from essence.cache_build import add_parser as add_teacher_parser
+    from essence.teacher.cache_build import add_parser as add_teacher_parser
 
     add_teacher_parser(sub)
 
-    from essence.analyze import add_parser as add_analyze_parser
-    from essence.study import add_parser as add_study_parser
+    from essence.experiments.analyze import add_parser as add_analyze_parser
+    from essence.experiments.study import add_parser as add_study_parser
 
     add_analyze_parser(sub)
     add_study_parser(sub)

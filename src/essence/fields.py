@@ -1,13 +1,14 @@
 """Config fields that carry their valid range, checked once when a config is loaded.
 
 ``lr: float = bounded(1e-5, gt=0)`` declares a field whose value must be > 0. The loader
-(``essence.config``) checks every bounded field, and every float field for NaN and infinity,
+(``essence.config.schema``) checks every bounded field, and every float field for NaN and infinity,
 right after reading the YAML and the overrides — before any model or dataset is touched —
 and names the key, the value and the valid range in one line.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import MISSING, Field, dataclass, field
 from typing import Any
@@ -70,3 +71,14 @@ def check_value(key: str, value: Any, spec: Field) -> None:
         if bounds is not None and not bounds.contains(number):
             raise EssenceError(f"config {key}={number} is out of range; valid range: "
                                f"{bounds.describe()}")
+
+
+def count(text: str) -> int:
+    """An argparse type: a whole number ≥ 1 (record, problem and sample counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value

@@ -6,8 +6,10 @@ the previous version of the file is left as it was.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -69,3 +71,57 @@ def append_line(path: str | os.PathLike, line: str) -> None:
     except OSError as err:
         raise EssenceError(f"{write_failure(path, err)}; free disk space, then rerun with "
                            "--resume to continue from the last checkpoint") from None
+
+
+def check_out_dir(path: str | os.PathLike, flag: str = "--out",
+                  given: str | os.PathLike | None = None) -> Path:
+    """Create folder `path` if needed and prove it writable; a one-line error otherwise.
+
+    given: what the user passed as `flag`, when `path` is derived from it (a file's folder).
+    """
+    shown = path if given is None else given
+    if not str(shown).strip():
+        raise EssenceError(f"{flag} is empty; give a folder to write into")
+    out = Path(path).expanduser()
+    for parent in (out, *out.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                what = ("is a file, not a folder" if parent == out and given is None
+                        else f"is below {parent}, which is a file")
+                raise EssenceError(f"{flag} {shown} {what}; choose another {flag}")
+            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        # Root ignores permission bits, so only a real write shows a read-only mount.
+        with tempfile.TemporaryFile(dir=out, prefix=".essence-probe-"):
+            fault_point("write-probe")
+    except OSError as err:
+        raise EssenceError(f"{flag} {shown}: {write_failure(out, err)}; "
+                           f"choose a writable {flag}") from None
+    return out
+
+
+def check_free_space(folder: Path, needed: int, what: str) -> None:
+    """Refuse to start when `folder`'s disk cannot hold `needed` bytes (e.g. one checkpoint)."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise EssenceError(
+            f"{folder} has {_size(free)} free, but {what} needs about {_size(needed)}; "
+            "free disk space or choose another --out")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()

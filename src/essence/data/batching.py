@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 SEGMENT_PAD = 0
-SEGMENT_SAMPLED = 4  # generated during training (essence.sampling), not read from the data
+SEGMENT_SAMPLED = 4  # generated during training (essence.train.sampling), not read from the data
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def pack_examples(examples: list[Example]) -> Batch:
 
     The loss masks, segments and supervision of each sequence are its own, unchanged; position
     ids restart at 0 at each sequence, so attention (a block-diagonal causal mask) and the
-    targets (none crosses a boundary, see essence.step.targets) stay within each sequence.
+    targets (none crosses a boundary, see essence.train.step.targets) stay within each sequence.
     """
     row = lambda field, dtype: torch.tensor(  # noqa: E731
         [v for e in examples for v in getattr(e, field)], dtype=dtype).unsqueeze(0)

@@ -412,10 +412,10 @@ def read_rows(source: str, config: str | None = None,
               split: str = "train") -> Iterator[tuple[Any, str | None]]:
     """(row, parse error) pairs of a local file or hub dataset; errors for unreadable sources.
 
-    Anything that looks like a local path (see essence.loading.looks_local) is read from disk
+    Anything that looks like a local path (see essence.paths.looks_local) is read from disk
     and never sent to the hub.
     """
-    from essence.loading import looks_local, near_data_suffix
+    from essence.paths import looks_local, near_data_suffix
 
     if not looks_local(source):
         return _rows_hub(source, config, split)

@@ -29,6 +29,8 @@ from essence.errors import EssenceError
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
+# The instruction appended to a problem when a prompt is built for generation (eval, sampling).
+DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 BUILTIN_TEMPLATES = ("chatml-think",)
 DEFAULT_TEMPLATE = "chatml-think"
 

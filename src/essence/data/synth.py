@@ -31,8 +31,7 @@ import re
 from pathlib import Path
 
 from essence.errors import EssenceError
-from essence.io import write_text_atomic
-from essence.rundir import check_out_dir
+from essence.io import check_out_dir, write_text_atomic
 
 DEMO_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 """Appended to each problem (after a newline) in the user turn, in training and at evaluation."""

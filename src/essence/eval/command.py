@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from essence.data.render import DEFAULT_INSTRUCTION
 from essence.errors import EssenceError
 from essence.eval.benchmarks import BENCHMARKS
-from essence.eval.prompting import DEFAULT_INSTRUCTION
 
 
 def add_parser(subparsers) -> None:

@@ -5,7 +5,7 @@ then `verify`), the conventions lighteval's math metrics build on: a boxed answe
 boxes joined as one set (`\\boxed{-2} and \\boxed{1}`), "Final Answer: The final answer is
 $X$. I hope it is correct.", "Answer: X", a bare last number ("#### 18 dollars"), thousands
 separators only in their exact form (`1,234` is 1234; `1, 234` is a list). essence differs
-on purpose in three places (each pinned by tests/test_grading_table.py):
+on purpose in three places (each pinned by tests/eval/test_grading_table.py):
 
 - the answer region is the text after the last `</think>` when the model closed its think
   block (a box inside the reasoning is a draft, not the answer), as newer lighteval versions

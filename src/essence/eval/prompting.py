@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+from essence.data.render import DEFAULT_INSTRUCTION, generation_prompt
 
 
 def user_message(problem: str, instruction: str | None = DEFAULT_INSTRUCTION) -> str:
@@ -24,8 +24,6 @@ def build_prompt(
     template, the same system turn, so the student is evaluated on the format it learned.
     chat_template: None for the tokenizer's own, a built-in name, or a Jinja file path.
     """
-    from essence.data.render import generation_prompt
-
     return generation_prompt(
         tokenizer, user_message(problem, instruction), system=system, chat_template=chat_template
     )

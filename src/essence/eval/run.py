@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from essence.data.render import DEFAULT_INSTRUCTION
 from essence.errors import EssenceError
 from essence.eval.benchmarks import Problem, load_benchmark
 from essence.eval.generate import (
@@ -18,10 +19,11 @@ from essence.eval.generate import (
     require_vllm,
 )
 from essence.eval.grading import grade_detail
-from essence.eval.prompting import DEFAULT_INSTRUCTION, build_prompt
+from essence.eval.prompting import build_prompt
 from essence.eval.results import details_line, print_table, summarize, write_results
-from essence.loading import load_causal_lm, load_tokenizer, resolve
-from essence.rundir import check_out_dir
+from essence.io import check_out_dir
+from essence.models.loading import load_causal_lm, load_tokenizer
+from essence.paths import resolve
 
 
 def evaluate(

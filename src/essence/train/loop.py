@@ -1,0 +1,490 @@
+"""The distillation loop on accelerate: optimizer steps, validation, checkpoints, accounting.
+
+Each optimizer step takes `grad_accum` micro-batches per process. Before any backward
+pass the step's NLL and KD target counts are summed over all its micro-batches and all
+processes, and every micro-batch loss is divided by those totals — the loss is normalised
+once per step, so 8 micro-batches of 1 and 1 micro-batch of 8 give the same gradient.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from essence.config.checks import check_unchanged
+from essence.config.load import save_config
+from essence.config.schema import Config
+from essence.data.batching import Batch, collate, plan_batches
+from essence.data.pipeline import prepare
+from essence.errors import EssenceError
+from essence.faults import fault_point
+from essence.io import check_free_space, write_json_atomic
+from essence.models.runtime import make_accelerator
+from essence.models.sharding import (
+    full_optimizer_state,
+    load_optimizer_state,
+    register_head,
+    shard_teacher,
+)
+from essence.teacher.sources import OnlineTeacher
+from essence.train.accounting import Ledger, peak_memory_bytes, reset_peak_memory
+from essence.train.checkpoint import (
+    checkpoint_bytes,
+    find_checkpoint,
+    intact_note,
+    load_trainer_state,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    save_model,
+    set_rng_state,
+)
+from essence.train.rundir import claim_run_dir
+from essence.train.saving import SavedStudent
+from essence.train.setup import (
+    build_models,
+    build_optimizer,
+    check_inputs,
+    split_validation,
+    warn_global_batch,
+)
+from essence.train.step import (
+    DistillStep,
+    combine,
+    continuation_count,
+    continuation_loss_weight,
+    loss_weights,
+    step_token_counts,
+)
+from essence.train.tracking import MetricsLog
+
+EVAL_DELAY_HOOK = "ESSENCE_TEST_EVAL_DELAY_S"
+"""Test hook: seconds to wait before the end-of-run evaluation (tests of collective timeouts)."""
+
+
+class Trainer:
+    """Owns the loop: which batches form a step, when to log, validate and save."""
+
+    def __init__(self, config: Config, run_dir: Path, resume: bool):
+        self.config, self.run_dir = config, run_dir
+        self.accelerator = make_accelerator(config.train)
+        self.is_main = self.accelerator.is_main_process
+        checkpoint = self._choose_checkpoint() if resume else None
+        if checkpoint is not None:
+            check_unchanged(run_dir / "config.yaml", config, f"the run in {run_dir}",
+                            "resume with the same settings (only when to stop, log, validate or "
+                            "save and the eval block may change), or train into a new --out")
+        self.models = build_models(config, self.accelerator.device, checkpoint)
+        prepared = prepare(config.data, self.models.tokenizer)
+        self._report_skipped(prepared.skipped)
+        self.train_set, self.val_set = split_validation(prepared, config)
+        if self.models.teacher_cached:  # check the cache once; drop records it cannot serve
+            self.train_set, self.val_set = self.models.teacher.bind(
+                self.models.tokenizer, prepared, self.train_set, self.val_set)
+            self.models.teacher_flops = self.models.teacher.flop_model()
+        self.lengths = [len(e) for e in self.train_set]
+        self.world = self.accelerator.num_processes
+        if self.is_main:
+            warn_global_batch(config.train, self.world)
+        per_step = self.world * config.train.grad_accum
+        self.steps_per_epoch = (len(self.train_set) // config.train.batch_size) // per_step
+        if self.steps_per_epoch == 0:
+            raise EssenceError(
+                f"{len(self.train_set)} training records are too few for one optimizer step of "
+                f"{config.train.batch_size} × {config.train.grad_accum} × {self.world} processes; "
+                "lower train.batch_size or train.grad_accum"
+            )
+        self.total_steps = max(1, math.ceil(self.steps_per_epoch * config.train.epochs))
+        if config.train.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.train.max_steps)
+        self.sampler = self._build_sampler(prepared) if config.sampling.active else None
+        step_module = DistillStep(self.models.student, config.loss, len(self.models.tokenizer),
+                                  continuation_divergence=config.sampling.divergence,
+                                  continuation_params=config.sampling.params)
+        optimizer, self.scheduler = build_optimizer(self.models.student, config.train,
+                                                    self.total_steps)
+        # The scheduler stays unwrapped: accelerate would step it once per process.
+        self.step_module, self.optimizer = self.accelerator.prepare(step_module, optimizer)
+        register_head(self.accelerator, self.step_module)  # ZeRO-3 only (essence.models.sharding)
+        if isinstance(self.models.teacher, OnlineTeacher):  # FSDP2: the teacher is sharded too
+            shard_teacher(self.models.teacher.model, self.accelerator)
+        self.ledger, self.step, self.elapsed = Ledger(), 0, 0.0
+        self.last_train_loss, self.last_val_loss = None, None
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        self.log = MetricsLog(run_dir, config.train.tracker, self.is_main, resume_step=self.step)
+
+    def _choose_checkpoint(self) -> Path | None:
+        """The newest verified checkpoint to resume from (None: start from the beginning)."""
+        checkpoint, notes = find_checkpoint(self.run_dir)
+        if self.is_main:
+            for note in notes:
+                print(f"essence: {note}")
+        if checkpoint is None and notes:
+            raise EssenceError(
+                f"--resume: no complete checkpoint in {self.run_dir / 'checkpoints'} "
+                f"({'; '.join(notes)}); pass --overwrite to start this run again")
+        if checkpoint is None and self.is_main:
+            print(f"essence: no checkpoint in {self.run_dir}; starting from the beginning")
+        return checkpoint
+
+    def _report_skipped(self, skipped) -> None:
+        if skipped and self.is_main:
+            print(f"essence: skipped {len(skipped)} bad records, e.g.:")
+            for item in skipped[:3]:
+                print(f"  {item}")
+
+    def _restore(self, checkpoint: Path) -> None:
+        state = load_trainer_state(checkpoint)
+        load_optimizer_state(self.accelerator, self.step_module, self.optimizer, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.step, self.elapsed = state["step"], state["elapsed"]
+        # The checkpoint holds the all-process totals: the main process carries them on.
+        self.ledger = Ledger(**state["ledger"]) if self.is_main else Ledger()
+        self.last_train_loss, self.last_val_loss = state["train_loss"], state["val_loss"]
+        if self.is_main:
+            print(f"essence: resumed from {checkpoint} at step {self.step}/{self.total_steps}")
+
+    def micro_batches(self, step: int) -> list[Batch]:
+        """This process's micro-batches of optimizer step `step` (0-based, global)."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        plan = plan_batches(self.lengths, self.config.train.batch_size,
+                            seed=self.config.train.seed, epoch=epoch)
+        per_step = self.world * self.config.train.grad_accum
+        group = plan[index * per_step:(index + 1) * per_step]
+        mine = group[self.accelerator.process_index::self.world]
+        pad_id = self.models.tokenizer.pad_token_id
+        pack = self.config.data.packing
+        return [collate([self.train_set[i] for i in ids], pad_id, pack) for ids in mine]
+
+    def _reduce(self, values: list[float]) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        return self.accelerator.reduce(tensor, reduction="sum").tolist()
+
+    def teacher_output(self, batch: Batch):
+        """The teacher's targets for a batch, or None when the loss has no KD term (or the batch
+        has no KD targets, as the dataset's NLL-only batch of a sampled step)."""
+        if self.models.teacher is None or self.config.loss.kd_ratio == 0:
+            return None
+        cont = batch.continuation_mask
+        if not bool(batch.kd_mask.any()) and (cont is None or not bool(cont.any())):
+            return None
+        packed = {} if batch.position_ids is None else {"position_ids": batch.position_ids}
+        return self.models.teacher(batch.input_ids, batch.attention_mask, batch.record_ids, **packed)
+
+    def optimizer_step(self, batches: list[Batch]) -> dict:
+        """One optimizer step over this process's micro-batches; returns its metrics."""
+        batches, generation_s = self._sample(batches)  # every generation before the first backward
+        reduction = self.config.loss.reduction  # token counts, or sequence counts
+        counts = [*step_token_counts(batches, reduction), continuation_count(batches)]
+        n_nll, n_kd, n_cont = (int(v) for v in self._reduce(counts))
+        kd_ratio = self.config.loss.kd_ratio
+        weights = loss_weights(n_nll, n_kd, kd_ratio)
+        w_cont = continuation_loss_weight(n_cont, self.config.sampling.continuation_weight)
+        if weights == (0.0, 0.0) and w_cont == 0.0:
+            raise EssenceError(
+                f"step {self.step + 1} has no supervised tokens (records "
+                f"{[r for b in batches for r in b.record_ids][:8]}); check data.supervision "
+                "and data.truncation (an answer-only loss at a short LSP keeps no answer tokens)")
+        sums = torch.zeros(3, dtype=torch.float64)
+        for i, batch in enumerate(batches):
+            batch = batch.to(self.accelerator.device)
+            teacher = self.teacher_output(batch)
+            sync = i == len(batches) - 1
+            extra = {} if batch.continuation_mask is None else {  # lead_then_student's third term
+                "continuation_mask": batch.continuation_mask, "continuation_weight": w_cont}
+            with self.accelerator.no_sync(self.step_module) if not sync else _null():
+                out = self.step_module(batch.input_ids, batch.attention_mask, batch.nll_mask,
+                                       batch.kd_mask, teacher, weights, **extra,
+                                       position_ids=batch.position_ids)
+                # DDP averages gradients over processes; our denominators are global sums.
+                loss = combine(out, weights, w_cont) * self.world
+                self.accelerator.backward(loss)
+            cont = 0.0 if out.continuation is None else out.continuation.item()
+            sums += torch.tensor([out.nll.item(), out.kd.item(), cont], dtype=torch.float64)
+            self.ledger.add(batch, self.models.student_flops,
+                            self.models.teacher_flops if teacher is not None else None,
+                            cached=self.models.teacher_cached)
+        nll_sum, kd_sum, cont_sum = self._reduce(sums.tolist())
+        if not math.isfinite(nll_sum + kd_sum):
+            ids = [r for b in batches for r in b.record_ids]
+            raise EssenceError(
+                f"non-finite loss at step {self.step + 1} (records {ids[:8]}); stopped without "
+                f"saving; {intact_note(self.run_dir)}. Lower train.lr, or check those records"
+            )
+        grad_norm = None
+        if self.config.train.max_grad_norm is not None:
+            norm = self.accelerator.clip_grad_norm_(self.step_module.parameters(),
+                                                    self.config.train.max_grad_norm)
+            grad_norm = float(norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        nll = nll_sum / max(n_nll, 1)
+        kd = kd_sum / max(n_kd, 1)
+        loss = (1 - kd_ratio) * nll + (kd_ratio * kd if n_kd else 0.0)
+        metrics = {"loss": loss, "nll": nll, "kd": kd if n_kd else None, "grad_norm": grad_norm,
+                   "lr": self.scheduler.get_last_lr()[0]}
+        if self.sampler is not None:
+            cont = cont_sum / n_cont if n_cont else None
+            metrics.update(sampled=generation_s is not None, generation_s=generation_s,
+                           continuation_kd=cont)
+            if cont is not None:
+                metrics["loss"] = loss + self.config.sampling.continuation_weight * cont
+        return metrics
+
+    def _build_sampler(self, prepared):
+        """The sampler of sampling.method, with each record's whole prompt and full length."""
+        from essence.eval.generate import stop_token_ids
+        from essence.train.sampling import HFGenerator, Sampler
+
+        tokenizer = self.models.tokenizer
+        stops = stop_token_ids(tokenizer, getattr(self.models.student, "generation_config", None))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+        fsdp = self.accelerator.distributed_type.name == "FSDP"
+        generator = HFGenerator(self.config.sampling, stops, pad, synced_gpus=fsdp)
+        prompts = {r.record_id: r.input_ids[:r.spans.prompt[1]] for r in prepared.rendered}
+        lengths = {r.record_id: len(r.input_ids) for r in prepared.rendered}
+        return Sampler(self.config.sampling, self.config.loss.kd_ratio, prompts, lengths, pad,
+                       generator)
+
+    def _sample(self, batches: list[Batch]) -> tuple[list[Batch], float | None]:
+        """The step's batches with sampled text when this step is drawn for sampling, and the
+        seconds spent generating (None: not a sampled step)."""
+        from essence.train.sampling import generation_context, is_sampled_step
+
+        if self.sampler is None or not is_sampled_step(self.config.sampling, self.step):
+            return batches, None
+        teacher = self.models.teacher
+        fsdp = self.accelerator.distributed_type.name == "FSDP"
+        with generation_context(self.step_module, fsdp):
+            batches, cost = self.sampler.sample(
+                batches, self.step, self.accelerator.process_index, self.world, self.models.student,
+                getattr(teacher, "model", None), self.models.student_flops, self.models.teacher_flops)
+        self.ledger.add_generation(cost.tokens, cost.flops, cost.seconds, cost.sequences)
+        return batches, cost.seconds
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Loss on the held-out whole sequences, normalised over the whole validation set."""
+        if not self.val_set:
+            return None
+        self.step_module.eval()
+        self._weights("eval")
+        mine = self.val_set[self.accelerator.process_index::self.world]
+        pad_id = self.models.tokenizer.pad_token_id
+        batches = [collate(mine[i:i + self.config.train.batch_size], pad_id, self.config.data.packing)
+                   for i in range(0, len(mine), self.config.train.batch_size)]
+        n_nll, n_kd = self._reduce(list(step_token_counts(batches, self.config.loss.reduction)))
+        weights = loss_weights(int(n_nll), int(n_kd), self.config.loss.kd_ratio)
+        total = 0.0
+        for batch in batches:
+            batch = batch.to(self.accelerator.device)
+            out = self.step_module(batch.input_ids, batch.attention_mask, batch.nll_mask,
+                                   batch.kd_mask, self.teacher_output(batch),
+                                   position_ids=batch.position_ids)
+            total += float(combine(out, weights))
+        self.step_module.train()
+        self._weights("train")
+        return self._reduce([total])[0]
+
+    def global_ledger(self) -> Ledger:
+        """The ledger summed over all processes (every process must call this)."""
+        fields = asdict(self.ledger)
+        return Ledger(**dict(zip(fields, self._reduce(list(fields.values())))))
+
+    def _weights(self, mode: str) -> None:
+        """Schedule-free AdamW holds two sets of weights: "train" for its steps, "eval" (the
+        averaged ones) for validation, saves and evaluation. A no-op for AdamW."""
+        if self.config.train.optimizer == "adamw_schedulefree":
+            getattr(self.optimizer, mode)()
+
+    def save(self, final: bool = False) -> None:
+        """Checkpoint the student, optimizer, scheduler, RNG and position (main process);
+        final: also the run's model/ folder. Under FSDP2 every process helps gather the weights."""
+        self.accelerator.wait_for_everyone()
+        totals = self.global_ledger()
+        self._weights("eval")
+        student = SavedStudent(self.accelerator, self.step_module, self.models.student)
+        optimizer = full_optimizer_state(self.accelerator, self.step_module, self.optimizer)
+        if self.is_main:
+            state = {
+                "step": self.step, "elapsed": self.elapsed, "ledger": asdict(totals),
+                "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(), "train_loss": self.last_train_loss,
+                "val_loss": self.last_val_loss,
+            }
+            save_checkpoint(self.run_dir, self.step, student, self.models.tokenizer, state)
+            prune_checkpoints(self.run_dir, keep=2, current=self.step)
+            if final:
+                save_model(student, self.models.tokenizer, self.run_dir / "model")
+        if not final:
+            self._weights("train")
+        self.accelerator.wait_for_everyone()
+
+    def run(self) -> dict:
+        cfg = self.config.train
+        reset_peak_memory(self.accelerator.device)
+        self.step_module.train()
+        self._weights("train")
+        bar = _progress(self.total_steps, self.step, enabled=cfg.progress and self.is_main)
+        started = time.perf_counter() - self.elapsed
+        while self.step < self.total_steps:
+            metrics = self.optimizer_step(self.micro_batches(self.step))
+            self.step += 1
+            fault_point(f"step-{self.step}")
+            self.elapsed = time.perf_counter() - started
+            self.last_train_loss = metrics["loss"]
+            tokens = self._reduce([self.ledger.student_tokens])[0]
+            metrics.update(step=self.step, epoch=self.step / self.steps_per_epoch,
+                           tokens=int(tokens), elapsed_s=self.elapsed,
+                           tokens_per_s=tokens / max(self.elapsed, 1e-9))
+            if cfg.val_every and self.step % cfg.val_every == 0:
+                self.last_val_loss = metrics["val_loss"] = self.validate()
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                self.log.write(metrics)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            if (cfg.save_checkpoints and cfg.save_every and self.step % cfg.save_every == 0
+                    and self.step < self.total_steps):
+                self.save()
+        bar.close()
+        if self.val_set and not (cfg.val_every and self.step % cfg.val_every == 0):
+            self.last_val_loss = self.validate()
+        if cfg.save_checkpoints:
+            self.save(final=True)  # schedule-free: its evaluation weights, kept for the eval
+        return self.summary()
+
+    def summary(self) -> dict:
+        totals = self.global_ledger()
+        device = self.accelerator.device
+        peak = self._reduce_max(peak_memory_bytes(device))
+        steps = max(self.step, 1)
+        return {
+            "run": str(self.run_dir), "steps": self.step, "epochs": self.step / self.steps_per_epoch,
+            "processes": self.world, "truncation": self.config.data.truncation.label(),
+            "train_records": len(self.train_set), "val_records": len(self.val_set),
+            "student_tokens": int(totals.student_tokens), "padding_tokens": int(totals.padding_tokens),
+            "padding_fraction": totals.padding_tokens
+            / max(totals.student_tokens + totals.padding_tokens, 1),
+            "nll_tokens": int(totals.nll_tokens), "kd_tokens": int(totals.kd_tokens),
+            "sequences": int(totals.sequences),
+            "student_flops": totals.student_flops, "teacher_flops": totals.teacher_flops,
+            "total_flops": totals.total_flops,
+            **self._sampling_summary(totals),
+            "wall_time_s": self.elapsed, "time_per_step_s": self.elapsed / steps,
+            "tokens_per_s": totals.student_tokens / max(self.elapsed, 1e-9),
+            "peak_memory_bytes": peak,
+            "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss",
+            "device": str(device),
+            "student_params": self.models.student_flops.total_params,
+            "teacher_params": (self.models.teacher_flops.total_params
+                               if self.models.teacher_flops else None),
+            "teacher_ran": self.models.teacher is not None,
+            "final_train_loss": self.last_train_loss, "final_val_loss": self.last_val_loss,
+            "teacher_flops_cached": totals.teacher_flops_cached,
+            **(self.models.teacher.summary() if self.models.teacher is not None else {}),
+        }
+
+    def _sampling_summary(self, totals: Ledger) -> dict:
+        """What sampled text cost (all zero without sampling): generation apart from training."""
+        s = self.config.sampling
+        return {"sampling": f"{s.method}@{s.fraction:g}" if s.active else "none",
+                "sampled_sequences": int(totals.sampled_sequences),
+                "generated_tokens": int(totals.generated_tokens),
+                "continuation_tokens": int(totals.continuation_tokens),
+                "generation_flops": totals.generation_flops,
+                "generation_time_s": totals.generation_s,
+                "teacher_scoring_flops": totals.teacher_scoring_flops}
+
+    def finish(self) -> None:
+        """After the last save: free the optimizer state, gradients, teacher and models, and
+        leave the process group, so that an evaluation of any length neither runs beside them
+        in memory nor keeps other processes waiting in a collective until it times out."""
+        self.accelerator.wait_for_everyone()
+        self.optimizer.state.clear()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_module.zero_grad(set_to_none=True)
+        self.models.teacher = None
+        self.accelerator.free_memory()
+        self.step_module = self.optimizer = self.models = None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    def _reduce_max(self, value: int) -> int:
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
+        return int(self.accelerator.reduce(tensor, reduction="max").item())
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step",
+                dynamic_ncols=True)
+
+
+def train(config: Config, out_dir: str | Path, resume: bool = False,
+          overwrite: bool = False) -> dict:
+    """Run one experiment into `out_dir`; returns (and writes) its summary.json.
+
+    The folder is locked while the run writes; one holding another run's results is refused
+    unless resume (continue it) or overwrite (replace it) is set.
+    """
+    check_inputs(config)
+    # Only the main process owns the folder (RANK is set by accelerate/torchrun launches).
+    lock = (claim_run_dir(out_dir, resume=resume, overwrite=overwrite)
+            if int(os.environ.get("RANK", "0")) == 0 else None)
+    try:
+        return _train(config, Path(out_dir), resume)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: Config, run_dir: Path, resume: bool) -> dict:
+    trainer = Trainer(config, run_dir, resume)
+    is_main = trainer.is_main
+    if is_main:
+        if config.train.save_checkpoints:
+            check_free_space(run_dir, checkpoint_bytes(trainer.models.student), "one checkpoint")
+        save_config(config, run_dir / "config.yaml")
+    summary = trainer.run()
+    trainer.log.close()
+    if is_main:  # the training results land before evaluation, which may take hours or fail
+        write_json_atomic(run_dir / "summary.json", summary)
+    trainer.finish()
+    del trainer  # the student, optimizer state and teacher go before generation starts
+    if is_main and config.eval.benches:
+        summary["eval"] = evaluate_run(config, run_dir)
+        write_json_atomic(run_dir / "summary.json", summary)
+    if is_main:
+        print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
+    return summary
+
+
+def evaluate_run(config: Config, run_dir: Path) -> dict:
+    """The config's end-of-run evaluation of the saved student (main process, no process group)."""
+    from essence.eval.run import evaluate_with
+
+    delay = float(os.environ.get(EVAL_DELAY_HOOK, "0") or 0)
+    if delay > 0:  # test hook: an evaluation longer than the collective timeout
+        time.sleep(delay)
+    return evaluate_with(
+        config.eval, str(run_dir / "model"), list(config.eval.benches), run_dir / "eval",
+        seed=config.train.seed, chat_template=config.data.chat_template,
+    )
