@@ -6,7 +6,7 @@ import pytest
 from conftest import RECORDS
 
 from essence.cli import main
-from essence.data import records as records_module
+from essence.data import readers as readers_module
 from essence.data.pipeline import DataConfig, prepare
 from essence.data.records import read_records
 from essence.errors import EssenceError
@@ -59,7 +59,7 @@ def test_a_byte_order_mark_does_not_cost_the_first_row(tmp_path):
 
 
 def test_an_oversized_row_is_skipped_and_the_rest_still_read(tmp_path, monkeypatch):
-    monkeypatch.setattr(records_module, "MAX_ROW_BYTES", 4096)
+    monkeypatch.setattr(readers_module, "MAX_ROW_BYTES", 4096)
     huge = json.dumps(dict(GOOD, reasoning="x" * 20000)).encode()
     source = write_rows(tmp_path / "huge.jsonl", good(0), huge, good(2))
     result = read_records(source)
@@ -101,7 +101,7 @@ def test_local_looking_paths_never_reach_the_hub(source, monkeypatch):
     def no_hub(*args):
         raise AssertionError(f"{source} was sent to the hub")
 
-    monkeypatch.setattr(records_module, "_rows_hub", no_hub)
+    monkeypatch.setattr(readers_module, "_rows_hub", no_hub)
     with pytest.raises(EssenceError, match="does not exist|unknown format"):
         read_records(source)
 
@@ -120,5 +120,5 @@ def test_hub_ids_still_go_to_the_hub(source, monkeypatch):
         seen.append(name)
         yield dict(GOOD), None
 
-    monkeypatch.setattr(records_module, "_rows_hub", hub)
+    monkeypatch.setattr(readers_module, "_rows_hub", hub)
     assert len(read_records(source).records) == 1 and seen == [source]

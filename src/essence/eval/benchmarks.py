@@ -106,7 +106,7 @@ def gsm8k_gold(answer: str) -> str:
 
 def _read_rows(source: str, config: str | None, split: str):
     # One reader for every data file in the package: the same formats, the same messages.
-    from essence.data.records import read_rows
+    from essence.data.readers import read_rows
 
     return read_rows(source, config, split)
 

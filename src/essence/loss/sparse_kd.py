@@ -145,7 +145,7 @@ def _sampled_divergence_and_grad(ls: Tensor, targets: SparseTargets) -> tuple[Te
 def sparse_divergence_and_grad(ls: Tensor, targets: SparseTargets, kind: str, params: dict[str, float],
                                temperature: float) -> tuple[Tensor, Tensor]:
     """D per row and ∂D/∂b (b = student logits / τ), without the τ factors, like the dense
-    essence.loss.fused._divergence_and_grad.
+    essence.loss.gradients._divergence_and_grad.
 
     ls: [c, V] fp32 student log-probs at τ (read only); targets: c rows. Returns value [c] and
     gradient [c, V] fp32.

@@ -212,7 +212,7 @@ def warn_global_batch(train: TrainConfig, world: int) -> str | None:
 
 def check_inputs(config: Config) -> None:
     """Everything a run reads after training, checked before the models load."""
-    from essence.data.records import read_rows
+    from essence.data.readers import read_rows
     from essence.eval.benchmarks import BENCHMARKS, load_benchmark
     from essence.paths import looks_local
 
