@@ -60,7 +60,7 @@ def profile(config: DataConfig, tokenizer, truncations: list[TruncationConfig]) 
     lengths = _segment_lengths(prepared.rendered)
     settings = {}
     for setting in truncations:
-        kept = [truncate(item.spans, setting) for item in prepared.rendered]
+        kept = [truncate(item.spans, setting, item.record_id) for item in prepared.rendered]
         settings[setting.label()] = _kept_fractions(kept, lengths)
     return {
         "source": config.source,
@@ -112,7 +112,7 @@ def show(config: DataConfig, tokenizer, index: int, console) -> None:
             f"{len(prepared.rendered)} valid records (0..{len(prepared.rendered) - 1})"
         )
     item = prepared.rendered[index]
-    kept = truncate(item.spans, config.truncation)
+    kept = truncate(item.spans, config.truncation, item.record_id)
     keep = set(kept.indices())
     segments = segment_ids(item)
     masks = supervise(item.record_id, segments, replace(config.supervision, random_drop=0.0))

@@ -173,6 +173,6 @@ def prepare(config: DataConfig, tokenizer, records: list[Record] | None = None) 
                    else "it holds no rows")
             raise EssenceError(f"no usable records in data.source {config.source}: {why}")
     rendered, too_long = render_records(records, tokenizer, config, config.source)
-    kept = [truncate(r.spans, config.truncation) for r in rendered]
+    kept = [truncate(r.spans, config.truncation, r.record_id) for r in rendered]
     examples = [to_example(r, k, config) for r, k in zip(rendered, kept)]
     return Prepared(examples, rendered, kept, skipped + too_long)

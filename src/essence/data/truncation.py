@@ -8,8 +8,9 @@ less loss.
 
 from __future__ import annotations
 
+import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from essence.data.render import Spans
@@ -37,6 +38,12 @@ class TruncationConfig:
     or window, as in the reference code: cut first, then take the lead span (window) of the rest."""
     max_tokens: int | None = bounded(None, ge=1)
     """Keep at most the first k tokens; applied after the protocol above (None: no cap)."""
+    replay: float = bounded(0.0, ge=0, le=1)
+    """Finish replay: this fraction of records is trained whole (only max_tokens applies), the
+    rest get the protocol above, so the student still sees how sequences end. 0: off."""
+    replay_seed: int = 0
+    """Seed of the replay choice: a record is replayed when a hash of (seed, record id) falls
+    below replay, so the same records are chosen on every run, resume and process."""
 
     def __post_init__(self) -> None:
         _check_fraction("data.truncation.lsp", self.lsp)
@@ -69,6 +76,20 @@ class TruncationConfig:
                 f"data.truncation sets {' and '.join(chosen)}; choose one protocol "
                 "(max_tokens may be combined with any of them, cut_after_think with lsp or window)"
             )
+        if not 0.0 <= self.replay <= 1.0:
+            raise EssenceError(f"data.truncation.replay must be within [0, 1], got {self.replay}")
+        if self.replay and not (chosen or self.cut_after_think):
+            raise EssenceError(
+                f"data.truncation.replay={self.replay:g} trains a fraction of records whole, but no "
+                "protocol truncates the others; set lsp < 1, window, cot_lead or cut_after_think "
+                "(or replay: 0)")
+
+    def whole(self) -> TruncationConfig:
+        """What a replayed record gets: no protocol, the same max_tokens cap."""
+        return TruncationConfig(max_tokens=self.max_tokens)
+
+    def without_replay(self) -> TruncationConfig:
+        return replace(self, replay=0.0)
 
     def label(self) -> str:
         """A short name for reports, e.g. 'lsp=0.5', 'window=0.5@middle' or 'cut_after_think,lsp=0.5'."""
@@ -82,6 +103,8 @@ class TruncationConfig:
             base = f"lsp={self.lsp:g}"
         if self.cut_after_think and base != "cut_after_think":
             base = f"cut_after_think,{base}"
+        if self.replay:
+            base = f"{base},replay={self.replay:g}"
         return base if self.max_tokens is None else f"{base},max_tokens={self.max_tokens}"
 
 
@@ -135,8 +158,24 @@ def window(n: int, x: float, position: WindowPosition) -> tuple[int, int]:
     return start, start + k
 
 
-def truncate(spans: Spans, config: TruncationConfig) -> Kept:
-    """Apply the configured protocol (then the max_tokens cap) to one sequence."""
+def replayed(record_id: str, config: TruncationConfig) -> bool:
+    """Whether finish replay keeps this record whole: a seeded hash of its id below replay."""
+    if not config.replay:
+        return False
+    digest = hashlib.sha256(f"{config.replay_seed}:{record_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < config.replay
+
+
+def truncate(spans: Spans, config: TruncationConfig, record_id: str | None = None) -> Kept:
+    """Apply the configured protocol (then the max_tokens cap) to one sequence.
+
+    With finish replay on, record_id chooses whether the record is kept whole instead.
+    """
+    if config.replay:
+        if record_id is None:
+            raise ValueError("truncate: data.truncation.replay needs the record id")
+        if replayed(record_id, config):
+            return truncate(spans, config.whole())
     n = spans.length
     if config.cut_after_think:
         # The reference cuts first; lsp / window then apply to what is left.
