@@ -34,7 +34,7 @@ METHODS = ("plain", "lead_then_student", "on_policy")
 
 def run(args, method: str, new_tokens: int, out: Path) -> dict:
     from essence.config.load import load_config
-    from essence.train.loop import train
+    from essence.train.run import train
 
     overrides = [
         f"model.tokenizer={QWEN3_TOKENIZER}", f"model.student_init={json.dumps(dims(args.student))}",

@@ -112,6 +112,7 @@ def train_interrupted(config, run_dir: Path, after_step: int) -> None:
     """Train until `after_step` optimizer steps are done, then stop as a kill would (a
     KeyboardInterrupt inside the next step, after its checkpoints so far)."""
     from essence.train import loop as train_module
+    from essence.train.run import train
 
     original = train_module.Trainer.optimizer_step
 
@@ -123,7 +124,7 @@ def train_interrupted(config, run_dir: Path, after_step: int) -> None:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_module.Trainer, "optimizer_step", dying)
         with pytest.raises(KeyboardInterrupt):
-            train_module.train(config, run_dir)
+            train(config, run_dir)
 
 
 def tiny_config(tokenizer_dir, data_file, *overrides):

@@ -75,7 +75,7 @@ def _data_synth(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from essence.config.load import load_config
-    from essence.train.loop import train
+    from essence.train.run import train
 
     config = load_config(args.config, args.overrides)
     train(config, out_dir=args.out, resume=args.resume, overwrite=args.overwrite)

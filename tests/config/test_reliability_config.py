@@ -5,7 +5,7 @@ from conftest import tiny_config
 
 from essence.cli import main
 from essence.errors import EssenceError
-from essence.train.loop import train
+from essence.train.run import train
 
 TINY = "configs/tiny.yaml"
 BAD = ["train.batch_size=0", "train.grad_accum=0", "train.lr=-1", "train.lr=.nan",

@@ -10,7 +10,7 @@ from essence.data.pipeline import prepare
 from essence.data.truncation import TruncationConfig, lead_span, replayed, truncate
 from essence.errors import EssenceError
 from essence.models.flops import flop_model
-from essence.train.loop import train
+from essence.train.run import train
 from essence.train.setup import build_models
 
 

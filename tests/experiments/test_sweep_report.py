@@ -46,14 +46,16 @@ def test_sweep_resumes_an_interrupted_point_and_retries_a_failed_one(tmp_path, m
     assert point_status(tmp_path / "lsp-0.5") == "partial"
     first_summary = (tmp_path / "lsp-1.0" / "summary.json").read_text()
 
-    real_train = train_module.train
+    from essence.train import run as run_module
+
+    real_train = run_module.train
 
     def failing(config, out_dir, resume=False):
         if config.data.truncation.lsp == 0.25:
             raise EssenceError("simulated failure")
         return real_train(config, out_dir, resume)
 
-    monkeypatch.setattr(train_module, "train", failing)
+    monkeypatch.setattr(run_module, "train", failing)
     results = run_sweep(str(CONFIG), grid, tmp_path, FAST)
     assert results == {"lsp-1.0": "complete (skipped)", "lsp-0.5": "complete",
                        "lsp-0.25": "failed: simulated failure"}
@@ -62,7 +64,7 @@ def test_sweep_resumes_an_interrupted_point_and_retries_a_failed_one(tmp_path, m
     assert steps == [1, 2, 3]  # resumed from its step-2 checkpoint, nothing logged twice
     assert point_status(tmp_path / "lsp-0.25") == "failed"
 
-    monkeypatch.setattr(train_module, "train", real_train)
+    monkeypatch.setattr(run_module, "train", real_train)
     results = run_sweep(str(CONFIG), grid, tmp_path, FAST)
     assert results["lsp-0.25"] == "complete" and results["lsp-1.0"] == "complete (skipped)"
     assert not (tmp_path / "lsp-0.25" / "failed.json").exists()

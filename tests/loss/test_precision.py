@@ -16,7 +16,7 @@ from test_losses import CASES, IDS, assert_same, problem, run
 from essence.config.load import load_config
 from essence.config.schema import TrainConfig
 from essence.loss.fused import distill_loss_sums, naive_distill_loss_sums
-from essence.train.loop import train
+from essence.train.run import train
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_YAML = REPO / "configs" / "tiny.yaml"

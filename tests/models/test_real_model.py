@@ -77,7 +77,7 @@ def runs(smollm2, student_dir, records_file, tmp_path_factory) -> dict[float, di
     that order for these records, so both runs train on the same two records.
     """
     from essence.config.load import load_config
-    from essence.train.loop import train
+    from essence.train.run import train
 
     out = {}
     for lsp in (1.0, 0.5):

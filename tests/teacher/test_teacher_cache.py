@@ -15,7 +15,7 @@ from essence.errors import EssenceError
 from essence.models.loading import random_causal_lm
 from essence.teacher.cache_build import build_cache
 from essence.teacher.sources import CachedTeacher, OnlineTeacher
-from essence.train.loop import train
+from essence.train.run import train
 from essence.train.step import DistillStep, combine, loss_weights, step_token_counts
 
 TEACHER = dict(TINY, hidden_size=24)

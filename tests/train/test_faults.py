@@ -18,7 +18,7 @@ from essence.errors import EssenceError
 from essence.faults import EXIT_CODE
 from essence.models.manifest import verify
 from essence.train.checkpoint import find_checkpoint
-from essence.train.loop import train
+from essence.train.run import train
 
 LONG = os.environ.get("ESSENCE_LONG_TESTS") == "1"
 # max_steps=6, checkpoints at 2 and 4, then the final one at 6 and the model.

@@ -134,7 +134,7 @@ def test_sequence_reduction_trains_end_to_end(tmp_path):
         "train.batch_size=3", "train.epochs=2", "train.progress=false", "train.lr=0.01",
         "loss.reduction=sequence", "train.schedule=one_cycle", "train.warmup_ratio=0.3",
         "data.supervision.random_drop=0.5"])
-    from essence.train.loop import train
+    from essence.train.run import train
 
     summary = train(config, tmp_path / "run")
     assert summary["steps"] == 2 and summary["final_train_loss"] > 0

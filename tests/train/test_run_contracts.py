@@ -15,7 +15,7 @@ from conftest import BENCHMARKS
 
 from essence.config.load import load_config, save_config
 from essence.errors import EssenceError
-from essence.train.loop import train
+from essence.train.run import train
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_YAML = REPO / "configs" / "tiny.yaml"

@@ -18,7 +18,7 @@ from essence.config.load import save_config
 from essence.errors import EssenceError
 from essence.models.manifest import MANIFEST, verify
 from essence.train.checkpoint import find_checkpoint, prune_checkpoints
-from essence.train.loop import train
+from essence.train.run import train
 from essence.train.rundir import RunLock
 
 RUN = ["train.max_steps=6", "train.save_every=2", "train.epochs=3"]

@@ -17,7 +17,7 @@ from essence.models.flops import FlopModel
 from essence.models.loading import random_causal_lm
 from essence.teacher.sources import OnlineTeacher
 from essence.train.accounting import Ledger
-from essence.train.loop import train
+from essence.train.run import train
 from essence.train.sampling import HFGenerator, Sampler, is_sampled_step
 from essence.train.step import (
     DistillStep,

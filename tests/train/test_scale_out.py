@@ -17,7 +17,7 @@ from essence.errors import EssenceError
 from essence.models.flops import flop_model
 from essence.models.loading import random_causal_lm
 from essence.teacher.sources import OnlineTeacher
-from essence.train.loop import train
+from essence.train.run import train
 from essence.train.step import DistillStep, combine, step_token_counts
 
 REPO = Path(__file__).resolve().parents[2]

@@ -19,7 +19,7 @@ from essence.data.batching import collate
 from essence.data.pipeline import prepare
 from essence.errors import EssenceError
 from essence.teacher.sources import OnlineTeacher, check_vocabularies
-from essence.train.loop import train
+from essence.train.run import train
 from essence.train.step import DistillStep, combine, loss_weights, step_token_counts
 
 

@@ -65,7 +65,7 @@ def run_sweep(config_path: str, grid: list[str], out: str | Path,
     A point whose directory holds a run started under other settings is refused (naming the
     differing keys) before any point trains; overwrite=True deletes such a point and redoes it.
     """
-    from essence.train.loop import train
+    from essence.train.run import train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

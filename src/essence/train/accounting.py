@@ -111,6 +111,23 @@ class Ledger:
         self.generation_s += seconds
         self.sampled_sequences += sequences
 
+    def cost_fields(self, sampling: str) -> dict:
+        """The summary's token and FLOPs fields; `sampling` names the sampling method (or none).
+        What sampled text cost (all zero without sampling) is kept apart from training."""
+        return {
+            "student_tokens": int(self.student_tokens), "padding_tokens": int(self.padding_tokens),
+            "padding_fraction": self.padding_tokens / max(self.student_tokens + self.padding_tokens, 1),
+            "nll_tokens": int(self.nll_tokens), "kd_tokens": int(self.kd_tokens),
+            "sequences": int(self.sequences),
+            "student_flops": self.student_flops, "teacher_flops": self.teacher_flops,
+            "total_flops": self.total_flops,
+            "sampling": sampling, "sampled_sequences": int(self.sampled_sequences),
+            "generated_tokens": int(self.generated_tokens),
+            "continuation_tokens": int(self.continuation_tokens),
+            "generation_flops": self.generation_flops, "generation_time_s": self.generation_s,
+            "teacher_scoring_flops": self.teacher_scoring_flops,
+        }
+
     @property
     def total_flops(self) -> float:
         """Everything that ran: student training, teacher forwards, scoring and generation."""

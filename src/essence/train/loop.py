@@ -8,9 +8,7 @@ once per step, so 8 micro-batches of 1 and 1 micro-batch of 8 give the same grad
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,13 +16,11 @@ from pathlib import Path
 import torch
 
 from essence.config.checks import check_unchanged
-from essence.config.load import save_config
 from essence.config.schema import Config
 from essence.data.batching import Batch, collate, plan_batches
 from essence.data.pipeline import prepare
 from essence.errors import EssenceError
 from essence.faults import fault_point
-from essence.io import check_free_space, write_json_atomic
 from essence.models.runtime import make_accelerator
 from essence.models.sharding import (
     full_optimizer_state,
@@ -35,7 +31,6 @@ from essence.models.sharding import (
 from essence.teacher.sources import OnlineTeacher
 from essence.train.accounting import Ledger, peak_memory_bytes, reset_peak_memory
 from essence.train.checkpoint import (
-    checkpoint_bytes,
     find_checkpoint,
     intact_note,
     load_trainer_state,
@@ -45,12 +40,10 @@ from essence.train.checkpoint import (
     save_model,
     set_rng_state,
 )
-from essence.train.rundir import claim_run_dir
 from essence.train.saving import SavedStudent
 from essence.train.setup import (
     build_models,
     build_optimizer,
-    check_inputs,
     split_validation,
     warn_global_batch,
 )
@@ -64,8 +57,6 @@ from essence.train.step import (
 )
 from essence.train.tracking import MetricsLog
 
-EVAL_DELAY_HOOK = "ESSENCE_TEST_EVAL_DELAY_S"
-"""Test hook: seconds to wait before the end-of-run evaluation (tests of collective timeouts)."""
 
 
 class Trainer:
@@ -367,18 +358,12 @@ class Trainer:
         device = self.accelerator.device
         peak = self._reduce_max(peak_memory_bytes(device))
         steps = max(self.step, 1)
+        s = self.config.sampling
         return {
             "run": str(self.run_dir), "steps": self.step, "epochs": self.step / self.steps_per_epoch,
             "processes": self.world, "truncation": self.config.data.truncation.label(),
             "train_records": len(self.train_set), "val_records": len(self.val_set),
-            "student_tokens": int(totals.student_tokens), "padding_tokens": int(totals.padding_tokens),
-            "padding_fraction": totals.padding_tokens
-            / max(totals.student_tokens + totals.padding_tokens, 1),
-            "nll_tokens": int(totals.nll_tokens), "kd_tokens": int(totals.kd_tokens),
-            "sequences": int(totals.sequences),
-            "student_flops": totals.student_flops, "teacher_flops": totals.teacher_flops,
-            "total_flops": totals.total_flops,
-            **self._sampling_summary(totals),
+            **totals.cost_fields(f"{s.method}@{s.fraction:g}" if s.active else "none"),
             "wall_time_s": self.elapsed, "time_per_step_s": self.elapsed / steps,
             "tokens_per_s": totals.student_tokens / max(self.elapsed, 1e-9),
             "peak_memory_bytes": peak,
@@ -392,17 +377,6 @@ class Trainer:
             "teacher_flops_cached": totals.teacher_flops_cached,
             **(self.models.teacher.summary() if self.models.teacher is not None else {}),
         }
-
-    def _sampling_summary(self, totals: Ledger) -> dict:
-        """What sampled text cost (all zero without sampling): generation apart from training."""
-        s = self.config.sampling
-        return {"sampling": f"{s.method}@{s.fraction:g}" if s.active else "none",
-                "sampled_sequences": int(totals.sampled_sequences),
-                "generated_tokens": int(totals.generated_tokens),
-                "continuation_tokens": int(totals.continuation_tokens),
-                "generation_flops": totals.generation_flops,
-                "generation_time_s": totals.generation_s,
-                "teacher_scoring_flops": totals.teacher_scoring_flops}
 
     def finish(self) -> None:
         """After the last save: free the optimizer state, gradients, teacher and models, and
@@ -436,55 +410,3 @@ def _progress(total: int, initial: int, enabled: bool):
 
     return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step",
                 dynamic_ncols=True)
-
-
-def train(config: Config, out_dir: str | Path, resume: bool = False,
-          overwrite: bool = False) -> dict:
-    """Run one experiment into `out_dir`; returns (and writes) its summary.json.
-
-    The folder is locked while the run writes; one holding another run's results is refused
-    unless resume (continue it) or overwrite (replace it) is set.
-    """
-    check_inputs(config)
-    # Only the main process owns the folder (RANK is set by accelerate/torchrun launches).
-    lock = (claim_run_dir(out_dir, resume=resume, overwrite=overwrite)
-            if int(os.environ.get("RANK", "0")) == 0 else None)
-    try:
-        return _train(config, Path(out_dir), resume)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _train(config: Config, run_dir: Path, resume: bool) -> dict:
-    trainer = Trainer(config, run_dir, resume)
-    is_main = trainer.is_main
-    if is_main:
-        if config.train.save_checkpoints:
-            check_free_space(run_dir, checkpoint_bytes(trainer.models.student), "one checkpoint")
-        save_config(config, run_dir / "config.yaml")
-    summary = trainer.run()
-    trainer.log.close()
-    if is_main:  # the training results land before evaluation, which may take hours or fail
-        write_json_atomic(run_dir / "summary.json", summary)
-    trainer.finish()
-    del trainer  # the student, optimizer state and teacher go before generation starts
-    if is_main and config.eval.benches:
-        summary["eval"] = evaluate_run(config, run_dir)
-        write_json_atomic(run_dir / "summary.json", summary)
-    if is_main:
-        print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
-    return summary
-
-
-def evaluate_run(config: Config, run_dir: Path) -> dict:
-    """The config's end-of-run evaluation of the saved student (main process, no process group)."""
-    from essence.eval.run import evaluate_with
-
-    delay = float(os.environ.get(EVAL_DELAY_HOOK, "0") or 0)
-    if delay > 0:  # test hook: an evaluation longer than the collective timeout
-        time.sleep(delay)
-    return evaluate_with(
-        config.eval, str(run_dir / "model"), list(config.eval.benches), run_dir / "eval",
-        seed=config.train.seed, chat_template=config.data.chat_template,
-    )
