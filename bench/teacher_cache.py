@@ -62,15 +62,95 @@ def storage(args, teacher_dir: Path, data: Path, work: Path) -> list[dict]:
     return rows
 
 
-def kd_errors(student, teacher, tokenizer, args) -> list[dict]:
-    """Value and gradient error of sparse KD against dense KD on the real trace."""
+def _value_and_grad(z_s, loss) -> tuple:
+    """loss(z).sum() at the student's logits, and its gradient with respect to them."""
+    z = z_s.clone().requires_grad_(True)
+    value = loss(z).sum()
+    value.backward()
+    return float(value.detach()), z.grad
+
+
+def _stored(z_t, settings, vocab: int):
+    """Targets exactly as a cache stores and reads them (fp16 round trip), and bytes per token."""
+    import torch
+
+    from essence.teacher.cache_build import TorchTeacherPass
+    from essence.teacher.cache_format import RecordTargets, decode, encode
+
+    pass_ = TorchTeacherPass(torch.nn.Identity(), settings, vocab, torch.device("cpu"), 0)
+    parts = pass_._topk(z_t) if settings.mode == "topk" else pass_._sampled(
+        z_t, torch.Generator().manual_seed(settings.seed))
+    blob = encode(RecordTargets(*parts), settings, vocab)
+    return decode(blob, z_t.shape[0], settings, vocab), len(blob) / z_t.shape[0]
+
+
+def _relative(value: float, grad, ref_value: float, ref_grad) -> dict:
+    return {"value_rel_err": abs(value - ref_value) / abs(ref_value),
+            "grad_rel_err": float((grad - ref_grad).norm() / ref_grad.norm())}
+
+
+def topk_errors(z_s, z_t, vocab: int) -> list[dict]:
+    """Top-k targets at each k, every divergence at tau 1 and forward KL at tau 2."""
     import numpy as np
     import torch
 
     from essence.loss.divergences import divergence
     from essence.loss.sparse_kd import SparseTargets, narrow_topk, sparse_divergence
-    from essence.teacher.cache_build import TorchTeacherPass
-    from essence.teacher.cache_format import CacheSettings, decode, encode
+    from essence.teacher.cache_format import CacheSettings
+
+    # The cache stores p_T^tau at the experiment's tau: one top-128 cache per tau, narrowed to each k.
+    tops = {tau: _stored(z_t, CacheSettings(k=max(KS), temperature=tau), vocab)[0] for tau in (1.0, 2.0)}
+    out = []
+    for kind, tau in [(d, 1.0) for d in DIVERGENCES] + [("forward_kl", 2.0)]:
+        ref = _value_and_grad(z_s, lambda z: divergence(z, z_t, kind, temperature=tau))
+        top = tops[tau]
+        for k in KS:
+            t_ids, t_logp, t_tail = narrow_topk(torch.from_numpy(top.ids.astype(np.int64)),
+                                                torch.from_numpy(top.logp.astype(np.float32)),
+                                                torch.from_numpy(top.tail.copy()), k)
+            targets = SparseTargets(t_ids, t_logp, t_tail, None, tau)
+            got = _value_and_grad(z_s, lambda z: sparse_divergence(z, targets, kind, temperature=tau))
+            out.append({"divergence": kind, "tau": tau, "k": k, "mode": "topk",
+                        "bytes_per_token": k * 4 + 4, **_relative(*got, *ref)})
+    return out
+
+
+def sampled_errors(z_s, z_t, vocab: int, draws: int) -> list[dict]:
+    """Sampled targets at the same bytes per token as each top-k: bias of the mean, noise per draw."""
+    import numpy as np
+    import torch
+
+    from essence.loss.divergences import divergence
+    from essence.loss.sparse_kd import SparseTargets, sparse_divergence
+    from essence.teacher.cache_format import CacheSettings
+
+    ref_value, ref_grad = _value_and_grad(z_s, lambda z: divergence(z, z_t, "forward_kl", temperature=1.0))
+    out = []
+    for k in KS:
+        m = max(1, (k * 4 + 4) // 5)  # the same bytes per token: 2 id + 1 count + 2 logp each
+        grads, values = [], []
+        for draw in range(draws):
+            stored, _ = _stored(z_t, CacheSettings(mode="sampled", k=m, seed=draw), vocab)
+            weights = torch.from_numpy(stored.counts.astype(np.float32))
+            targets = SparseTargets(torch.from_numpy(stored.ids.astype(np.int64)),
+                                    torch.from_numpy(stored.logp.astype(np.float32)), None,
+                                    weights / weights.sum(1, keepdim=True), 1.0)
+            value, grad = _value_and_grad(z_s, lambda z: sparse_divergence(z, targets, "forward_kl",
+                                                                           temperature=1.0))
+            grads.append(grad)
+            values.append(value)
+        mean = torch.stack(grads).mean(0)
+        out.append({"divergence": "forward_kl", "tau": 1.0, "k": m, "mode": f"sampled ({draws} draws)",
+                    "bytes_per_token": m * 5,
+                    **_relative(sum(values) / len(values), mean, ref_value, ref_grad),
+                    "grad_noise": sum(float((g - ref_grad).norm() / ref_grad.norm()) for g in grads)
+                    / len(grads)})
+    return out
+
+
+def kd_errors(student, teacher, tokenizer, args) -> list[dict]:
+    """Value and gradient error of sparse KD against dense KD on the real trace."""
+    import torch
 
     rendered, _ = trace(tokenizer)
     ids = torch.tensor([rendered.input_ids])
@@ -78,66 +158,7 @@ def kd_errors(student, teacher, tokenizer, args) -> list[dict]:
     with torch.no_grad():
         z_s = student(ids).logits[0, :-1, :vocab].float()[::args.stride]
         z_t = teacher(ids).logits[0, :-1, :vocab].float()[::args.stride]
-    rows_n = z_s.shape[0]
-
-    def stored(settings: CacheSettings):
-        """Targets exactly as a cache stores and reads them (fp16 round trip)."""
-        pass_ = TorchTeacherPass(torch.nn.Identity(), settings, vocab, torch.device("cpu"), 0)
-        parts = pass_._topk(z_t) if settings.mode == "topk" else pass_._sampled(
-            z_t, torch.Generator().manual_seed(settings.seed))
-        from essence.teacher.cache_format import RecordTargets
-
-        blob = encode(RecordTargets(*parts), settings, vocab)
-        return decode(blob, rows_n, settings, vocab), len(blob) / rows_n
-
-    def dense(kind, tau=1.0):
-        z = z_s.clone().requires_grad_(True)
-        value = divergence(z, z_t, kind, temperature=tau).sum()
-        value.backward()
-        return float(value.detach()), z.grad
-
-    def sparse(targets, kind, tau=1.0):
-        z = z_s.clone().requires_grad_(True)
-        value = sparse_divergence(z, targets, kind, temperature=tau).sum()
-        value.backward()
-        return float(value.detach()), z.grad
-
-    # The cache stores p_T^τ at the experiment's τ: one top-128 cache per τ, narrowed to each k.
-    tops = {tau: stored(CacheSettings(k=max(KS), temperature=tau))[0] for tau in (1.0, 2.0)}
-    out = []
-    for kind, tau in [(d, 1.0) for d in DIVERGENCES] + [("forward_kl", 2.0)]:
-        ref_value, ref_grad = dense(kind, tau)
-        top = tops[tau]
-        for k in KS:
-            t_ids, t_logp, t_tail = narrow_topk(torch.from_numpy(top.ids.astype(np.int64)),
-                                                torch.from_numpy(top.logp.astype(np.float32)),
-                                                torch.from_numpy(top.tail.copy()), k)
-            value, grad = sparse(SparseTargets(t_ids, t_logp, t_tail, None, tau), kind, tau)
-            out.append({"divergence": kind, "tau": tau, "k": k, "mode": "topk",
-                        "bytes_per_token": k * 4 + 4,
-                        "value_rel_err": abs(value - ref_value) / abs(ref_value),
-                        "grad_rel_err": float((grad - ref_grad).norm() / ref_grad.norm())})
-    ref_value, ref_grad = dense("forward_kl")
-    for k in KS:
-        m = max(1, (k * 4 + 4) // 5)  # the same bytes per token: 2 id + 1 count + 2 logp each
-        grads, values = [], []
-        for draw in range(args.draws):
-            targets, _ = stored(CacheSettings(mode="sampled", k=m, seed=draw))
-            weights = torch.from_numpy(targets.counts.astype(np.float32))
-            value, grad = sparse(SparseTargets(
-                torch.from_numpy(targets.ids.astype(np.int64)),
-                torch.from_numpy(targets.logp.astype(np.float32)), None,
-                weights / weights.sum(1, keepdim=True), 1.0), "forward_kl")
-            grads.append(grad)
-            values.append(value)
-        mean = torch.stack(grads).mean(0)
-        out.append({"divergence": "forward_kl", "tau": 1.0, "k": m, "mode": f"sampled ({args.draws} draws)",
-                    "bytes_per_token": m * 5,
-                    "value_rel_err": abs(sum(values) / len(values) - ref_value) / abs(ref_value),
-                    "grad_rel_err": float((mean - ref_grad).norm() / ref_grad.norm()),
-                    "grad_noise": sum(float((g - ref_grad).norm() / ref_grad.norm()) for g in grads)
-                    / len(grads)})
-    return out
+    return topk_errors(z_s, z_t, vocab) + sampled_errors(z_s, z_t, vocab, args.draws)
 
 
 def sweep_cost(args, teacher, tokenizer, teacher_dir: Path, data: Path, work: Path) -> dict:

@@ -33,7 +33,7 @@ import os
 import random
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -50,6 +50,7 @@ from tokenizers import (
 )
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from demo_models_record import record_build, write_readme  # noqa: E402  (scripts/ is on sys.path)
 from essence.data.synth import (
     DEFAULT_DIGITS,
     DEFAULT_STEPS,
@@ -302,77 +303,6 @@ def targets_missed(results: dict[str, tuple[ModelSpec, int, dict[str, Score]]]) 
     return missed
 
 
-def write_readme(out: Path, tok, builds: dict[str, dict]) -> None:
-    """The assets' README: what the two models are, how they were built, what they score."""
-    def pct(b: dict, label: str, field: str) -> str:
-        return f"{b['scores'][label][field]:.1%}" if label in b["scores"] else "–"
-
-    def minutes(seconds: float | None) -> str:
-        return f"{seconds / 60:.1f}" if seconds else "–"
-
-    rows = "\n".join(
-        f"| {name} | {b['spec']['layers']} x {b['spec']['hidden']} | {b['params']:,} "
-        f"| {b['spec']['data'][0]}-{b['spec']['data'][1]} | {b['spec']['steps']} x {b['spec']['batch']}"
-        f"{' x ' + str(b['spec']['pack']) + ' packed' if b['spec'].get('pack', 1) > 1 else ''} "
-        f"| {b['spec']['lr']:g} | {pct(b, 'hard', 'accuracy')} | {pct(b, 'hard', 'math_verify')} "
-        f"| {pct(b, 'hard', 'finished')} | {pct(b, 'easy', 'accuracy')} | {pct(b, 'easy', 'finished')} "
-        f"| {minutes(b['train_s'])} |"
-        for name, b in builds.items() if name != "_run"
-    )
-    run = builds.get("_run", {})
-    total = f"{run['total_s'] / 60:.1f} minutes" if run.get("total_s") else "(not recorded)"
-    load = f"{run['load_average']:.1f}" if run.get("load_average") is not None else "(not recorded)"
-    (out / "README.md").write_text(f"""# Embedded demo models
-
-Two small Llama causal LMs for `essence demo`, trained from scratch on the synthetic task
-`essence.data.synth` (seeded multi-step arithmetic word problems with long-CoT-shaped traces:
-the working, then varied re-checks, then a written-up solution ending in `\\boxed{{}}`). The demo
-distils *hard* problems ({STEPS[0]}-{STEPS[1]} steps, the `generate` default); *easy* ones have
-{EASY[0]}-{EASY[1]} steps. They share one tokenizer: byte-level BPE, {len(tok)} tokens, one token per
-digit, ChatML chat template, `<think>`/`</think>` single tokens, eos `<|im_end|>`, pad
-`<|endoftext|>`. Training text: user turn = problem + "\\n" + DEMO_INSTRUCTION, assistant turn =
-"<think>\\n" + reasoning + "\\n</think>\\n\\n" + answer; loss on the assistant turn only.
-
-- `teacher/`: trained on complete traces of the hard problems; it solves them.
-- `student/`: the base student, made the way a base model is made: trained on complete traces
-  of *easy* problems only, two conversations packed per training sequence (as pre-training packs
-  documents, so it has ended traces at every position a hard trace reaches; unpacked, a student
-  trained longer finished only 83% of the hard problems). It knows the whole format and finishes its traces
-  (closes its think block, writes the solution up, boxes an answer, stops) on hard problems
-  too, but gets most of those wrong: the teacher has the hard problems to teach it, and a
-  fine-tune on lead spans need not teach it how to conclude.
-
-| model | layers x hidden | parameters | trained on (steps) | steps x batch | lr | hard: accuracy | hard: math-verify | hard: finished | easy: accuracy | easy: finished | training minutes |
-| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
-{rows}
-
-Greedy decoding of 200 held-out problems of each kind (`generate(200, seed={EVAL_SEED}, steps=...)`,
-none of them in the training data), stop at `<|im_end|>` or {MAX_NEW_TOKENS} new tokens.
-Accuracy: the last `\\boxed{{}}` integer equals the ground truth; math-verify: the same completions
-graded by math-verify; finished: `<think>`, the working, `</think>`, an answer holding a
-`\\boxed{{N}}`, then `<|im_end|>`.
-
-Built by `python scripts/build_demo_models.py` (seed {SEED}; tokenizer data seed {TOKENIZER_SEED},
-training data seed {TRAIN_SEED}), fp32, torch {torch.__version__}, on one CPU thread (`--threads 1`)
-of a 2-core machine: {total} in all, tokenizer, data and grading included (load average
-{load} at the end of the build). The same command on the same machine rebuilds
-the same files (`build.json` holds the numbers above).
-""")
-
-
-def record_build(out: Path, name: str, spec: ModelSpec, params: int, scores: dict[str, Score],
-                 train_s: float | None) -> dict:
-    """Merge one model's build into out/build.json (so models built one at a time share a README)."""
-    path = out / "build.json"
-    builds = json.loads(path.read_text()) if path.is_file() else {}
-    builds.pop("_run", None)  # a partial build: the whole build's wall time no longer describes the files
-    builds[name] = {"spec": asdict(spec), "params": params, "train_s": train_s,
-                    "scores": {k: {f: getattr(s, f) for f in ("accuracy", "math_verify", "finished")}
-                               for k, s in scores.items()}}
-    path.write_text(json.dumps(builds, indent=1) + "\n")
-    return builds
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(REPO / "src/essence/assets/demo"))
@@ -416,7 +346,9 @@ def main(argv: list[str] | None = None) -> None:
         if not args.only and not args.regrade:  # a whole build: its wall time and the machine's load
             builds["_run"] = {"total_s": total_s, "load_average": os.getloadavg()[0]}
             (out / "build.json").write_text(json.dumps(builds, indent=1) + "\n")
-        write_readme(out, tok, builds)
+        write_readme(out, tok, builds, {"STEPS": STEPS, "EASY": EASY, "EVAL_SEED": EVAL_SEED,
+                                        "MAX_NEW_TOKENS": MAX_NEW_TOKENS, "SEED": SEED,
+                                        "TOKENIZER_SEED": TOKENIZER_SEED, "TRAIN_SEED": TRAIN_SEED})
     print(f"done in {total_s / 60:.1f} minutes; wrote {out}")
     if missed := targets_missed(results):
         raise SystemExit("targets missed: " + "; ".join(missed) + "; change TEACHER / STUDENT")
