@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ".[test,gguf]"
+	$(PY) -m pip install --quiet -e ".[test,gguf,tracking]"
 	touch $@
 
 install: $(VENV)/.installed

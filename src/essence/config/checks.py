@@ -126,6 +126,7 @@ def _validate_sampling(config: Config) -> None:
 
 RESUMABLE_KEYS = ("train.max_steps", "train.epochs", "train.log_every", "train.val_every",
                   "train.save_every", "train.save_checkpoints", "train.tracker", "train.progress",
+                  "train.tracker_project", "train.run_name", "train.run_group",
                   "train.collective_timeout_s", "eval")
 """Keys that may differ between a run's saved config and a resume of it: when to stop, log,
 validate and save, and how to evaluate; nothing that changes what a step computes."""

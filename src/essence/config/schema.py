@@ -190,8 +190,16 @@ class TrainConfig:
     save_checkpoints: bool = True
     """False: write no checkpoint and no final model, only metrics and the summary (benchmarks
     of big models, where a save costs more than the steps measured)."""
-    tracker: Literal["none", "tensorboard", "wandb"] = "none"
-    """Also log to TensorBoard or W&B (when installed)."""
+    tracker: tuple[Literal["none", "tensorboard", "wandb", "trackio", "mlflow", "aim", "comet_ml",
+                           "clearml", "dvclive", "swanlab"], ...] = ("none",)
+    """Trackers that get the metrics too, through accelerate (one name or a list, e.g.
+    [tensorboard, wandb]); each needs its package (`pip install 'essence[wandb]'`)."""
+    tracker_project: str = "essence"
+    """The trackers' project (W&B and trackio project, MLflow experiment, TensorBoard folder)."""
+    run_name: str | None = None
+    """The run's name in the trackers (None: the name of its output folder)."""
+    run_group: str | None = None
+    """The trackers' group for the run (a sweep or frontier sets its folder's name)."""
     progress: bool = True
     """Show a progress bar."""
     collective_timeout_s: float = bounded(1800.0, gt=0)

@@ -70,9 +70,10 @@ def run_sweep(config_path: str, grid: list[str], out: str | Path,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     points = parse_grid(grid)
+    group = f"train.run_group={out.resolve().name}"  # the trackers group a sweep's points
     stale = []
     for point in points:  # validate every point before spending compute on the first
-        config = load_config(config_path, [*overrides, *point.overrides])
+        config = load_config(config_path, [group, *overrides, *point.overrides])
         try:
             check_unchanged(out / point.name / "config.yaml", config, f"sweep point {point.name}",
                             "rerun with --overwrite to redo it under the new settings, or sweep "
@@ -92,7 +93,7 @@ def run_sweep(config_path: str, grid: list[str], out: str | Path,
         if status == "complete":
             results[point.name] = "complete (skipped)"
             continue
-        config = load_config(config_path, [*overrides, *point.overrides])
+        config = load_config(config_path, [group, *overrides, *point.overrides])
         (run_dir / "failed.json").unlink(missing_ok=True)
         try:
             # The point's folder is this sweep's own (its config matched above): continue it.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+from pathlib import Path
 
 import torch
 
@@ -11,11 +12,12 @@ from essence.models.sharding import enable_fsdp_on_cpu
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def make_accelerator(config):
-    """The Accelerator for a run's `train` settings (threads, precision, seed, timeout)."""
+def make_accelerator(config, project_dir=None):
+    """The Accelerator for a run's `train` settings (threads, precision, seed, timeout), with
+    the trackers `config.tracker` names (their logs under `project_dir`, the run's folder)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import InitProcessGroupKwargs, set_seed
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 
     if config.cpu_threads is not None:
         torch.set_num_threads(config.cpu_threads)
@@ -27,8 +29,12 @@ def make_accelerator(config):
     # keeps the first run's in a singleton unless told to forget it (the process group stays).
     AcceleratorState._reset_state(reset_partial_state=False)
     timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=config.collective_timeout_s))
+    trackers = [n for n in getattr(config, "tracker", ()) if n != "none"] if project_dir else []
     accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
-                              kwargs_handlers=[timeout])
+                              kwargs_handlers=[timeout], log_with=trackers or None,
+                              project_config=ProjectConfiguration(
+                                  project_dir=str(project_dir), logging_dir=str(Path(project_dir) / "tensorboard"))
+                              if trackers else None)
     enable_fsdp_on_cpu(accelerator)  # an FSDP launch on CPU processes (the CPU tests)
     set_seed(config.seed, deterministic=not torch.cuda.is_available())
     # Deterministic kernels, but without filling every new tensor (a pure cost in our loop,

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from essence.config.checks import check_unchanged
-from essence.config.schema import Config
+from essence.config.schema import Config, to_dict
 from essence.data.batching import Batch, collate, plan_batches
 from essence.data.pipeline import prepare
 from essence.errors import EssenceError
@@ -55,7 +55,7 @@ from essence.train.step import (
     loss_weights,
     step_token_counts,
 )
-from essence.train.tracking import MetricsLog
+from essence.train.tracking import MetricsLog, check_trackers, start_trackers
 
 
 
@@ -64,7 +64,8 @@ class Trainer:
 
     def __init__(self, config: Config, run_dir: Path, resume: bool):
         self.config, self.run_dir = config, run_dir
-        self.accelerator = make_accelerator(config.train)
+        check_trackers(config.train.tracker)  # a missing package fails before any work
+        self.accelerator = make_accelerator(config.train, project_dir=run_dir)
         self.is_main = self.accelerator.is_main_process
         checkpoint = self._choose_checkpoint() if resume else None
         if checkpoint is not None:
@@ -109,7 +110,9 @@ class Trainer:
         self.last_train_loss, self.last_val_loss = None, None
         if checkpoint is not None:
             self._restore(checkpoint)
-        self.log = MetricsLog(run_dir, config.train.tracker, self.is_main, resume_step=self.step)
+        trackers = (start_trackers(self.accelerator, config, to_dict(config), run_dir, self.step)
+                    if self.is_main else [])
+        self.log = MetricsLog(run_dir, self.is_main, resume_step=self.step, trackers=trackers)
 
     def _choose_checkpoint(self) -> Path | None:
         """The newest verified checkpoint to resume from (None: start from the beginning)."""

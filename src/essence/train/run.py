@@ -44,19 +44,23 @@ def train(config: Config, out_dir: str | Path, resume: bool = False,
 def _train(config: Config, run_dir: Path, resume: bool) -> dict:
     trainer = Trainer(config, run_dir, resume)
     is_main = trainer.is_main
-    if is_main:
-        if config.train.save_checkpoints:
-            check_free_space(run_dir, checkpoint_bytes(trainer.models.student), "one checkpoint")
-        save_config(config, run_dir / "config.yaml")
-    summary = trainer.run()
-    trainer.log.close()
-    if is_main:  # the training results land before evaluation, which may take hours or fail
-        write_json_atomic(run_dir / "summary.json", summary)
-    trainer.finish()
-    del trainer  # the student, optimizer state and teacher go before generation starts
-    if is_main and config.eval.benches:
-        summary["eval"] = evaluate_run(config, run_dir)
-        write_json_atomic(run_dir / "summary.json", summary)
+    log = trainer.log  # the trackers stay open for the evaluation's scores; closed on any exit
+    try:
+        if is_main:
+            if config.train.save_checkpoints:
+                check_free_space(run_dir, checkpoint_bytes(trainer.models.student), "one checkpoint")
+            save_config(config, run_dir / "config.yaml")
+        summary = trainer.run()
+        if is_main:  # the training results land before evaluation, which may take hours or fail
+            write_json_atomic(run_dir / "summary.json", summary)
+        trainer.finish()
+        del trainer  # the student, optimizer state and teacher go before generation starts
+        if is_main and config.eval.benches:
+            summary["eval"] = evaluate_run(config, run_dir)
+            write_json_atomic(run_dir / "summary.json", summary)
+        log.write_final(summary)
+    finally:
+        log.close()
     if is_main:
         print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
     return summary
