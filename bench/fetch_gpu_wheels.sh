@@ -13,4 +13,7 @@ PY=${PYTHON:-python3}
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d bench/wheels \
   trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+# DeepSpeed for the zero3 case (an sdist that builds without compiling its ops; best effort).
+"$PY" -m pip download -q --no-deps -d bench/wheels deepspeed==0.19.8 hjson py-cpuinfo nvidia-ml-py einops \
+  || echo "deepspeed not fetched: the zero3 case will be skipped"
 ls -l bench/wheels

@@ -75,6 +75,7 @@ def test_fsdp2_two_processes_match_accumulation_and_resume(tokenizer_dir, data_f
     assert "resumed from" in done.stdout
     fsdp = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
     assert fsdp["processes"] == 2 and fsdp["student_tokens"] == single["student_tokens"]
+    assert fsdp["engine"] == "fsdp2"
     assert_same_losses(tmp_path / "fsdp", tmp_path / "single", rel=1e-5)
     # The saved student is a whole Hugging Face model (gathered from the shards), and the
     # optimizer state in the checkpoint is whole too.
@@ -281,3 +282,13 @@ def test_scale_out_settings_are_checked_at_load():
     config = load_config(None, base + ["model.lora={}"])
     assert config.model.lora.rank == 16 and config.model.lora.alpha is None
     assert config.model.lora.target_modules == ("q_proj", "v_proj")
+
+
+def test_deepspeed_launch_on_cpu_is_refused_and_engines_are_named(tokenizer_dir, data_file, tmp_path,
+                                                                 monkeypatch):
+    """accelerate trains a DeepSpeed launch on CPU with DDP without a word: refused instead."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(EssenceError, match="DeepSpeed launch .* on CPU.*fsdp2.yaml"):
+        train(tiny_config(tokenizer_dir, data_file, "train.max_steps=1"), tmp_path / "ds")
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    assert train(tiny_config(tokenizer_dir, data_file, "train.max_steps=1"), tmp_path / "one")["engine"] == "single"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from essence.models.sharding import enable_fsdp_on_cpu
+from essence.models.sharding import check_deepspeed_launch, enable_fsdp_on_cpu
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -19,6 +19,7 @@ def make_accelerator(config, project_dir=None):
     from accelerate.state import AcceleratorState
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 
+    check_deepspeed_launch()
     if config.cpu_threads is not None:
         torch.set_num_threads(config.cpu_threads)
     precision = config.mixed_precision

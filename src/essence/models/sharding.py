@@ -39,6 +39,34 @@ def is_zero3(accelerator) -> bool:
     return plugin is not None and plugin.zero_stage == 3
 
 
+def engine_name(accelerator) -> str:
+    """How the run's processes share the work: fsdp2, deepspeed_zero<stage>, ddp or single."""
+    from accelerate.utils import DistributedType
+
+    if is_fsdp2(accelerator):
+        return "fsdp2"
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return f"deepspeed_zero{accelerator.state.deepspeed_plugin.zero_stage}"
+    return "ddp" if accelerator.num_processes > 1 else "single"
+
+
+def check_deepspeed_launch() -> None:
+    """A DeepSpeed launch: refused on CPU (accelerate would quietly train with DDP there), and
+    said to be unverified on GPUs (no essence test has run it end to end)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return
+    from essence.errors import EssenceError
+
+    if not torch.cuda.is_available():
+        raise EssenceError(
+            "a DeepSpeed launch (accelerate config distributed_type: DEEPSPEED) on CPU: essence "
+            "runs DeepSpeed only on GPUs, where it is unverified; shard on CPU with "
+            "configs/accelerate/fsdp2.yaml")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("essence: DeepSpeed ZeRO-3 is UNVERIFIED in essence (no test has trained, saved and "
+              "resumed under it); configs/accelerate/fsdp2.yaml is the tested sharded path")
+
+
 def enable_fsdp_on_cpu(accelerator) -> None:
     """Honour an FSDP launch on CPU processes (gloo).
 

@@ -23,6 +23,7 @@ from essence.errors import EssenceError
 from essence.faults import fault_point
 from essence.models.runtime import make_accelerator
 from essence.models.sharding import (
+    engine_name,
     full_optimizer_state,
     load_optimizer_state,
     register_head,
@@ -364,7 +365,8 @@ class Trainer:
         s = self.config.sampling
         return {
             "run": str(self.run_dir), "steps": self.step, "epochs": self.step / self.steps_per_epoch,
-            "processes": self.world, "truncation": self.config.data.truncation.label(),
+            "processes": self.world, "engine": engine_name(self.accelerator),
+            "truncation": self.config.data.truncation.label(),
             "train_records": len(self.train_set), "val_records": len(self.val_set),
             **totals.cost_fields(f"{s.method}@{s.fraction:g}" if s.active else "none"),
             "wall_time_s": self.elapsed, "time_per_step_s": self.elapsed / steps,
