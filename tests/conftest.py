@@ -108,6 +108,16 @@ def data_file(tmp_path_factory):
     return path
 
 
+def free_port() -> int:
+    """A TCP port free now (bind port 0, let the kernel choose): each distributed test gets its
+    own, so two test runs, or a test and a training job, never meet on a fixed 29500."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def train_interrupted(config, run_dir: Path, after_step: int) -> None:
     """Train until `after_step` optimizer steps are done, then stop as a kill would (a
     KeyboardInterrupt inside the next step, after its checkpoints so far)."""
@@ -142,3 +152,63 @@ def tiny_config(tokenizer_dir, data_file, *overrides):
 def metrics(run: Path) -> list[dict]:
     """The rows of a run's metrics.jsonl."""
     return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def cache_config(tokenizer_dir, data_file, *overrides):
+    """A one-epoch config of the tiny student with a cacheable tiny teacher (width 24)."""
+    from essence.config.load import load_config
+
+    teacher = dict(TINY, hidden_size=24)
+    base = [f"model.tokenizer={tokenizer_dir}", f"data.source={data_file}",
+            f"model.student_init={json.dumps(TINY)}", f"model.teacher_init={json.dumps(teacher)}",
+            "train.batch_size=2", "train.epochs=1", "train.lr=0.01", "train.progress=false",
+            "train.warmup_ratio=0", "train.cpu_threads=1"]
+    return load_config(None, base + list(overrides))
+
+
+def essence_process(argv: list, fault: str = "", **kwargs):
+    """`python -m essence ARGV` started in the background (ESSENCE_FAULT=fault), pipes open."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ESSENCE_FAULT=fault, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "essence", *map(str, argv)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def wait_until(predicate, process, timeout: float = 120.0) -> None:
+    """Poll until predicate() holds while `process` runs (a background command's progress)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if process.poll() is not None:
+            pytest.fail(f"the process ended first: {process.communicate()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("timed out waiting for the background process")
+        time.sleep(0.02)
+
+
+class HeldLock:
+    """Another process holding a folder's essence lock until the block ends; .pid names it."""
+
+    CODE = ("import sys; from pathlib import Path; from essence.io import FolderLock; "
+            "lock = FolderLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); sys.stdin.read()")
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def __enter__(self) -> "HeldLock":
+        import subprocess
+        import sys
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen([sys.executable, "-c", self.CODE, str(self.folder)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout.readline().strip() == "locked"
+        self.pid = self.process.pid
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.process.communicate("", timeout=60)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 
 from essence.errors import EssenceError
 from essence.fields import count
+
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)  # what a write meets
 
 
 def _data_config(args: argparse.Namespace, **truncation):
@@ -78,7 +81,8 @@ def _train(args: argparse.Namespace) -> int:
     from essence.train.run import train
 
     config = load_config(args.config, args.overrides)
-    train(config, out_dir=args.out, resume=args.resume, overwrite=args.overwrite)
+    train(config, out_dir=args.out, resume=args.resume, overwrite=args.overwrite,
+          accept_changed_data=args.accept_changed_data)
     return 0
 
 
@@ -185,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     train.add_argument("--overwrite", action="store_true",
                        help="replace the results of another run in --out (deletes them)")
+    train.add_argument("--accept-changed-data", action="store_true",
+                       help="--resume although data.source changed since the run started")
     train.set_defaults(func=_train)
 
     from essence.eval.command import add_parser as add_eval_parser
@@ -241,14 +247,33 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from essence.io import is_write_failure, write_failure
+    from essence.stopping import Stopped
+
     try:
         return args.func(args)
     except EssenceError as err:
         print(f"essence: error: {err}", file=sys.stderr)
         return 2
+    except Stopped as stop:  # Ctrl-C or SIGTERM, after saving: where, and how to continue
+        if str(stop):
+            print(f"essence: {stop}", file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print("essence: interrupted", file=sys.stderr)
         return 130
+    except (OSError, RuntimeError) as err:  # a file error no one turned into a message: one line
+        where, code = getattr(err, "filename", None), getattr(err, "errno", None)
+        disk = not isinstance(err, OSError) or code in _DISK_ERRNOS or (
+            code is None and err.args and err.args[0] in _DISK_ERRNOS)  # OSError(ENOSPC)
+        if not is_write_failure(err) or (where is None and not disk):
+            raise
+        if not disk:
+            print(f"essence: error: {where}: {err.strerror or err}", file=sys.stderr)
+        else:
+            print(f"essence: error: {write_failure(where or 'a file', err)}; free disk space or "
+                  "choose a writable --out", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,8 +9,11 @@ The fault-injection tests set, for example,
 Points (glob patterns allowed, comma-separated `point=action` pairs):
 step-K; save-K-{model,state,manifest,rename,latest,prune} for checkpoint step-K and
 save-model-{model,manifest,rename} for the final model; write-<file name> for every other
-file a run writes. Actions: exit, enospc, erofs (OSError), torch-enospc (the RuntimeError
-torch.save raises on a full disk). Unset, every call is one dictionary lookup.
+file a run or a cache build writes (write-.essence.lock: its folder lock). Actions: exit,
+enospc, erofs (OSError), torch-enospc (the RuntimeError torch.save raises on a full disk),
+wait-stop (block until Ctrl-C/SIGTERM has asked for a stop; the tests of stopping send it from
+outside) and hang (block until a second signal interrupts; both give up after 60 s).
+Unset, every call is one dictionary lookup.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import errno
 import fnmatch
 import os
+import time
 
 EXIT_CODE = 87
 
@@ -40,4 +44,15 @@ def fault_point(name: str) -> None:
         if action == "torch-enospc":
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 "
                                "vs 598")
+        if action in ("wait-stop", "hang"):
+            _wait(until_stop=action == "wait-stop")
+            continue
         raise ValueError(f"ESSENCE_FAULT: unknown action {action!r} in {item!r}")
+
+
+def _wait(until_stop: bool) -> None:
+    from essence.stopping import stop_requested
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (until_stop and stop_requested()):
+        time.sleep(0.01)

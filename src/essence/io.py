@@ -1,7 +1,7 @@
 """Atomic file writes: readers see the old file or the whole new one, never half of one.
 
 A failed write (full disk, read-only folder) is a one-line EssenceError naming the file;
-the previous version of the file is left as it was.
+the previous version of the file is left as it was. `FolderLock`: one writer per folder.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -30,7 +31,8 @@ def is_write_failure(err: BaseException) -> bool:
 def write_failure(path: str | os.PathLike, err: BaseException) -> str:
     """'could not write PATH (reason)' for an error accepted by is_write_failure."""
     if isinstance(err, OSError):
-        reason = err.strerror or str(err)
+        code = err.errno if err.errno is not None else (err.args or (None,))[0]
+        reason = err.strerror or (os.strerror(code) if isinstance(code, int) else str(err))
     else:
         reason = "the write failed; is the disk full?"
     return f"could not write {path} ({reason})"
@@ -99,6 +101,105 @@ def check_out_dir(path: str | os.PathLike, flag: str = "--out",
         raise EssenceError(f"{flag} {shown}: {write_failure(out, err)}; "
                            f"choose a writable {flag}") from None
     return out
+
+
+LOCK_FILE = ".essence.lock"
+
+
+class FolderBusy(EssenceError):
+    """Another process holds the folder's lock (the message names its pid)."""
+
+
+class FolderLock:
+    """An exclusive lock on a folder (a run, a teacher cache), held while a command writes there.
+
+    An flock on FOLDER/.essence.lock, which names the holder (pid and host): the kernel drops it
+    when the process dies, so a killed command never leaves a folder locked.
+    """
+
+    def __init__(self, folder: Path, what: str = "run"):
+        self.path, self.what = Path(folder) / LOCK_FILE, what
+        self.handle = None
+
+    def acquire(self) -> "FolderLock":
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: run unlocked
+            return self
+        try:
+            for _ in range(3):
+                handle = self.path.open("a+")
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = _holder(handle)
+                    raise FolderBusy(
+                        f"{self.path.parent} is in use by another {self.what} ({holder}); wait "
+                        "for it to finish or choose another --out") from None
+                if self._claim(handle):
+                    return self
+        except OSError as err:
+            raise EssenceError(f"{write_failure(self.path, err)}; nothing in {self.path.parent} "
+                               "was changed. Free disk space or choose a writable --out") from None
+        raise EssenceError(f"could not lock {self.path}; is another {self.what} starting there?")
+
+    def _claim(self, handle) -> bool:
+        """Write our pid into the locked file; False when a releasing holder unlinked it."""
+        if not (self.path.exists()
+                and os.stat(self.path).st_ino == os.fstat(handle.fileno()).st_ino):
+            handle.close()
+            return False
+        try:
+            handle.seek(0)
+            handle.truncate()
+            fault_point(f"write-{LOCK_FILE}")
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            handle.flush()
+        except BaseException:
+            self.handle = handle
+            self.release()
+            raise
+        self.handle = handle
+        return True
+
+    def release(self) -> None:
+        if self.handle is not None:
+            handle, self.handle = self.handle, None
+            self.path.unlink(missing_ok=True)
+            try:
+                handle.close()
+            except OSError:  # a pid line that could not be flushed: the file is gone anyway
+                pass
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _holder(handle) -> str:
+    handle.seek(0)
+    holder = handle.read().strip() or "another process"
+    handle.close()
+    return holder
+
+
+def lock_holder(folder: Path) -> str | None:
+    """Who holds `folder`'s lock ("pid N on HOST"), or None when nobody does. Only reads."""
+    path = Path(folder) / LOCK_FILE
+    try:
+        import fcntl
+
+        handle = path.open("r")
+    except (ImportError, OSError):  # no lock file (or no flock): nobody holds it
+        return None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder(handle)
+    handle.close()  # closing drops the shared lock we just took
+    return None
 
 
 def check_free_space(folder: Path, needed: int, what: str) -> None:

@@ -1,6 +1,7 @@
 """`essence data profile` / `essence data show` through the real command line entry point."""
 
 import json
+import shutil
 
 import pytest
 from conftest import QWEN3, RECORDS
@@ -46,13 +47,24 @@ def test_profile_statistics_by_hand(capsys, qwen3_tokenizer):
     assert truncations["window=0.5@right"]["answer"] == 1.0
 
 
-def test_profile_table(capsys):
-    code, out, _ = run(capsys, "data", "profile", str(RECORDS / "openr1_messages.jsonl"),
-                       "--tokenizer", str(QWEN3), "--lsp", "0.25")
-    assert code == 0 and "3 records read" in out and "lsp=0.25" in out
+def test_profile_table(capsys, tmp_path, monkeypatch):
+    """The first line is a message, never wrapped however long the path (wherever the clone
+    lives) or narrow the terminal; tables fit the terminal, so they are read at a set width."""
+    path = tmp_path / ("x" * 90) / "openr1_messages.jsonl"
+    path.parent.mkdir()
+    shutil.copy(RECORDS / "openr1_messages.jsonl", path)
+    monkeypatch.setenv("COLUMNS", "40")
+    code, out, _ = run(capsys, "data", "profile", str(path), "--tokenizer", str(QWEN3),
+                       "--lsp", "0.25")
+    assert code == 0 and f"{path}: 3 records read, 0 skipped\n" in out, out
+    monkeypatch.setenv("COLUMNS", "120")
+    code, out, _ = run(capsys, "data", "profile", str(path), "--tokenizer", str(QWEN3),
+                       "--lsp", "0.25")
+    assert code == 0 and "lsp=0.25" in out
 
 
-def test_show_marks_the_cut(capsys):
+def test_show_marks_the_cut(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "40")  # the header and the record are never wrapped
     code, out, _ = run(capsys, "data", "show", str(RECORDS / "flat_columns.jsonl"),
                        "--tokenizer", str(QWEN3), "--index", "2", "--lsp", "0.5")
     assert code == 0 and "keeps 40: prompt 22, cot 18, answer 0" in out and "✂" in out

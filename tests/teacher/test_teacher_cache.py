@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, build_small_tokenizer
+from conftest import TINY, build_small_tokenizer, cache_config
 
-from essence.config.load import load_config
 from essence.data.batching import collate
 from essence.data.pipeline import prepare
 from essence.errors import EssenceError
@@ -21,12 +20,7 @@ from essence.train.step import DistillStep, combine, loss_weights, step_token_co
 TEACHER = dict(TINY, hidden_size=24)
 
 
-def config_for(tokenizer_dir, data_file, *overrides):
-    base = [f"model.tokenizer={tokenizer_dir}", f"data.source={data_file}",
-            f"model.student_init={json.dumps(TINY)}", f"model.teacher_init={json.dumps(TEACHER)}",
-            "train.batch_size=2", "train.epochs=1", "train.lr=0.01", "train.progress=false",
-            "train.warmup_ratio=0", "train.cpu_threads=1"]
-    return load_config(None, base + list(overrides))
+config_for = cache_config
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +131,8 @@ def test_killed_build_resumes_to_identical_bytes(tokenizer_dir, data_file, tmp_p
     resumed = build_cache(config, tmp_path / "killed", shard_records=2, progress=False)
     assert calls["n"] == 3  # the resumed build rewrote only the missing shards
 
-    def untimed(manifest):
-        return {k: v for k, v in manifest.items() if k != "teacher_pass"}
+    def untimed(manifest):  # the pass's time differs, and so the manifest's own checksum
+        return {k: v for k, v in manifest.items() if k not in ("teacher_pass", "sha256")}
 
     assert untimed(resumed) == untimed(straight)
     assert resumed["teacher_pass"]["flops"] == straight["teacher_pass"]["flops"]
@@ -184,24 +178,59 @@ def test_stale_caches_are_refused_naming_what_differs(exact_cache, tokenizer_dir
         bind(config_for(tokenizer_dir, data_file, f"model.teacher_cache={tmp_path}"), tokenizer_dir)
 
 
-def test_corrupted_or_truncated_shards_are_detected(tokenizer_dir, data_file, tmp_path):
+def test_damaged_shards_are_refused_naming_the_shard_and_the_rebuild(tokenizer_dir, data_file,
+                                                                     tmp_path, capsys):
+    """A flipped byte or a truncated shard is the cache's damage, not bad data: refused in one line
+    whatever data.on_error says; building again redoes only the damaged shards."""
+    from essence.teacher import cache_build
+
     out = tmp_path / "cache"
     config = config_for(tokenizer_dir, data_file, f"model.teacher_cache={out}",
                         "model.teacher_cache_k=4")
     manifest = build_cache(config, out, shard_records=3, progress=False)
-    first = manifest["shards"][0]
-    blob = bytearray((out / first["file"]).read_bytes())
+    originals = {p.name: p.read_bytes() for p in out.glob("shard-*.bin")}
+    first, last = manifest["shards"][0], manifest["shards"][-1]
+    blob = bytearray(originals[first["file"]])
     blob[first["records"][1]["offset"] + 5] ^= 0xFF
     (out / first["file"]).write_bytes(bytes(blob))
-    last = out / manifest["shards"][-1]["file"]
-    last.write_bytes(last.read_bytes()[:-10])
-    with pytest.raises(EssenceError, match=r"record .*: its bytes in .* are corrupted"):
-        bind(replace(config, data=replace(config.data, on_error="fail")), tokenizer_dir)
-    teacher, (kept, _) = bind(config, tokenizer_dir)   # data.on_error: skip (the default)
-    lost = 1 + len(manifest["shards"][-1]["records"])
-    assert len(teacher.skipped) == lost and len(kept) == manifest["records"] - lost
-    assert any("missing or truncated" in s for s in teacher.skipped)
-    assert teacher.summary()["teacher_cache_skipped"] == lost
+    for on_error in ("fail", "skip"):
+        with pytest.raises(EssenceError, match=rf"shard {out / first['file']} is damaged \(record "
+                                               r".* does not match its checksum\); rebuild it with "
+                                               rf"essence teacher cache CONFIG --out {out} "):
+            bind(replace(config, data=replace(config.data, on_error=on_error)), tokenizer_dir)
+    (out / last["file"]).write_bytes(originals[last["file"]][:-10])
+    with pytest.raises(EssenceError, match=r"shard .* is (damaged|missing or truncated)"):
+        bind(config, tokenizer_dir)
+    calls = []
+    original = cache_build._write_shard
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cache_build, "_write_shard", lambda *a: calls.append(a[1]) or original(*a))
+        repaired = build_cache(config, out, shard_records=3, progress=False)
+    notes = capsys.readouterr().out
+    assert f"{first['file']}: record" in notes and "rebuilding it" in notes
+    assert sorted(calls) == [0, len(manifest["shards"]) - 1]  # only the damaged ones were redone
+    assert {p.name: p.read_bytes() for p in out.glob("shard-*.bin")} == originals
+    assert repaired["shards"] == manifest["shards"]
+    teacher, (kept, _) = bind(config, tokenizer_dir)
+    assert len(kept) == manifest["records"] and not teacher.skipped
+
+
+def test_a_changed_manifest_is_refused(tokenizer_dir, data_file, tmp_path):
+    out = tmp_path / "cache"
+    config = config_for(tokenizer_dir, data_file, f"model.teacher_cache={out}",
+                        "model.teacher_cache_k=4")
+    build_cache(config, out, shard_records=3, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"][0]["records"][0]["offset"] += 1  # still valid JSON, no longer the truth
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EssenceError, match=r"is damaged: manifest.json does not match its "
+                                           r"checksum; rebuild it with essence teacher cache"):
+        bind(config, tokenizer_dir)
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(EssenceError, match=r"cannot read manifest.json .*; rebuild it"):
+        bind(config, tokenizer_dir)
+    build_cache(config, out, shard_records=3, progress=False)  # rebuilt from the shard indices
+    assert len(bind(config, tokenizer_dir)[1][0]) == manifest["records"]
 
 
 def test_sampled_cache_trains_forward_kl(tokenizer_dir, data_file, tmp_path):

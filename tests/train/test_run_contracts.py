@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import BENCHMARKS
+from conftest import BENCHMARKS, free_port
 
 from essence.config.load import load_config, save_config
 from essence.errors import EssenceError
@@ -220,8 +220,9 @@ def test_two_processes_survive_an_evaluation_longer_than_the_collective_timeout(
     env = dict(os.environ, OMP_NUM_THREADS="1", ESSENCE_TEST_EVAL_DELAY_S="8")
     done = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "-m", "essence", "train", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "ddp")],
+         "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "essence", "train", str(tmp_path / "c.yaml"),
+         "--out", str(tmp_path / "ddp")],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""Run folders are owned and checkpoints verified: no run destroys another, resume walks back.
+"""Run folders are owned and checkpoints verified: no run destroys another, none resumes damage.
 
 Each case is one a user hits by accident: training again into a finished run, two runs into
 one folder, a damaged checkpoint, a half-written metrics line, an --out that cannot be
@@ -86,14 +86,17 @@ def test_prune_keeps_the_highest_step_numbers_up_to_the_current_one(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["notes", "step-000010", "step-000012"]
 
 
-@pytest.mark.parametrize("damage, skipped", [
-    ("truncate_weights", r"skipped step-000006: model.safetensors has \d+ bytes, \d+ were written"),
-    ("delete_state", "skipped step-000006: trainer_state.pt is missing"),
-    ("garble_manifest", f"skipped step-000006: {MANIFEST} is unreadable"),
-    ("flip_a_byte", "skipped step-000006: config.json does not match its checksum"),
+@pytest.mark.parametrize("damage, problem", [
+    ("truncate_weights", r"model.safetensors has \d+ bytes, \d+ were written"),
+    ("delete_state", "trainer_state.pt is missing"),
+    ("garble_manifest", f"{MANIFEST} is unreadable"),
+    ("flip_a_byte", "config.json does not match its checksum"),
+    ("flip_a_weight_byte", "model.safetensors does not match its checksum"),
 ])
-def test_resume_walks_back_to_the_newest_verified_checkpoint(
-        damage, skipped, finished, tokenizer_dir, data_file, tmp_path, capsys):
+def test_a_damaged_checkpoint_is_refused_then_the_one_before_resumes(
+        damage, problem, finished, tokenizer_dir, data_file, tmp_path, capsys):
+    """A checkpoint that does not match its manifest is never resumed from, nor skipped without
+    a word: one line names the file and the way back (delete that folder, or start over)."""
     run = copy_of(finished, tmp_path)
     step6 = run / "checkpoints" / "step-000006"
     if damage == "truncate_weights":
@@ -104,13 +107,21 @@ def test_resume_walks_back_to_the_newest_verified_checkpoint(
     elif damage == "garble_manifest":
         (step6 / MANIFEST).write_text("{not json")
     else:
-        config = step6 / "config.json"
-        config.write_bytes(config.read_bytes().replace(b"{", b"[", 1))
-    capsys.readouterr()
+        name = "config.json" if damage == "flip_a_byte" else "model.safetensors"
+        blob = bytearray((step6 / name).read_bytes())
+        blob[len(blob) // 2] ^= 0x01
+        (step6 / name).write_bytes(bytes(blob))
+    before = snapshot(run)
+    config_file = tmp_path / "c.yaml"
+    save_config(tiny_config(tokenizer_dir, data_file, *RUN), config_file)
+    code, err = cli("train", config_file, "--out", run, "--resume", capsys=capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(rf"checkpoint \S*step-000006 is damaged \({problem}\); delete that folder "
+                     r"to resume from step-000004, .*--overwrite", err), err
+    assert snapshot(run) == before
+    shutil.rmtree(step6)  # what the line says: the run continues from the checkpoint before
     summary = train(tiny_config(tokenizer_dir, data_file, *RUN), run, resume=True)
-    out = capsys.readouterr().out
-    assert re.search(skipped, out), out
-    assert "step-000004 at step 4/6" in out
+    assert "step-000004 at step 4/6" in capsys.readouterr().out
     # Steps 5 and 6 were redone and reproduce the uninterrupted run.
     assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(metrics(finished), metrics(run)):
@@ -134,9 +145,9 @@ def test_a_checkpoint_from_before_manifests_is_used_with_a_notice(finished, tmp_
     (run / "checkpoints" / "step-000006" / MANIFEST).unlink()
     checkpoint, notes = find_checkpoint(run)
     assert checkpoint.name == "step-000006" and "unverified" in notes[0]
-    (run / "checkpoints" / "step-000006" / "trainer_state.pt").unlink()  # and incomplete: skipped
-    checkpoint, notes = find_checkpoint(run)
-    assert checkpoint.name == "step-000004" and f"{MANIFEST} is missing" in notes[0]
+    (run / "checkpoints" / "step-000006" / "trainer_state.pt").unlink()  # and incomplete: refused
+    with pytest.raises(EssenceError, match=f"step-000006 is damaged \\({MANIFEST} is missing"):
+        find_checkpoint(run)
 
 
 def test_no_verified_checkpoint_refuses_to_start_over(finished, tokenizer_dir, data_file, tmp_path):
@@ -144,8 +155,9 @@ def test_no_verified_checkpoint_refuses_to_start_over(finished, tokenizer_dir, d
     for step in ("step-000004", "step-000006"):
         (run / "checkpoints" / step / "trainer_state.pt").unlink()
     before = snapshot(run)
-    with pytest.raises(EssenceError, match=r"no complete checkpoint .*step-000004: trainer_state"
-                                           r".* pass --overwrite"):
+    with pytest.raises(EssenceError, match=r"step-000006 is damaged \(trainer_state.pt is missing"
+                                           r"\); no earlier checkpoint verifies; or pass "
+                                           r"--overwrite"):
         train(tiny_config(tokenizer_dir, data_file, *RUN), run, resume=True)
     assert snapshot(run) == before
 

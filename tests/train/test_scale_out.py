@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, build_small_tokenizer, metrics, tiny_config
+from conftest import TINY, build_small_tokenizer, free_port, metrics, tiny_config
 
 from essence.config.load import load_config, save_config
 from essence.data.batching import collate
@@ -63,11 +63,11 @@ def test_fsdp2_two_processes_match_accumulation_and_resume(tokenizer_dir, data_f
               "train.min_lr_ratio=1"]
     config_file = tmp_path / "c.yaml"
     save_config(tiny_config(tokenizer_dir, data_file, *common, "train.max_steps=2"), config_file)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(REPO / "configs/accelerate/fsdp2.yaml"), "--num_processes", "2",
-              "--mixed_precision", "no", "-m", "essence", "train", str(config_file),
-              "--out", str(tmp_path / "fsdp")]
     for extra in ([], ["train.max_steps=3", "--resume"]):
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                  str(REPO / "configs/accelerate/fsdp2.yaml"), "--num_processes", "2",
+                  "--main_process_port", str(free_port()), "--mixed_precision", "no",
+                  "-m", "essence", "train", str(config_file), "--out", str(tmp_path / "fsdp")]
         done = subprocess.run(launch + extra, env=ENV, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
     single = train(tiny_config(tokenizer_dir, data_file, *common, "train.max_steps=3",
@@ -96,6 +96,7 @@ def test_sharded_head_and_teacher_gather():
     """The gather logic alone, on two gloo processes: a sharded head reassembled equals the full
     head, its gradient lands on this process's shard, and a sharded teacher equals a whole one."""
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(free_port()),
                            str(REPO / "tests" / "train" / "fsdp_gather_check.py")],
                           env=ENV, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -10,6 +10,7 @@ import torch
 from conftest import (
     TINY,
     build_small_tokenizer,
+    free_port,
     metrics,
     tiny_config,
     train_interrupted,
@@ -147,8 +148,9 @@ def test_two_process_ddp_matches_accumulation(tokenizer_dir, data_file, tmp_path
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "-m", "essence", "train", str(config_file), "--out", str(tmp_path / "ddp")],
+         "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "essence", "train", str(config_file),
+         "--out", str(tmp_path / "ddp")],
         check=True, env=env, capture_output=True, timeout=300,
     )
     single = train(tiny_config(tokenizer_dir, data_file, *common, "train.grad_accum=2"),

@@ -76,14 +76,15 @@ def print_profile(report: dict, console) -> None:
     """Render a profile report as console tables."""
     from rich.table import Table
 
+    # Messages are never wrapped (soft_wrap: the terminal folds them); only tables fit its width.
     console.print(
         f"[bold]{report['source']}[/]: {report['records']} records read, "
-        f"{report['skipped']} skipped"
+        f"{report['skipped']} skipped", soft_wrap=True
     )
     for reason in report["skipped_reasons"][:5]:
-        console.print(f"  skipped: {reason}")
+        console.print(f"  skipped: {reason}", soft_wrap=True)
     if report["skipped"] > 5:
-        console.print(f"  … and {report['skipped'] - 5} more")
+        console.print(f"  … and {report['skipped'] - 5} more", soft_wrap=True)
     table = Table(title="tokens per record")
     for column in ("segment", "mean", "p50", "p90", "max", "total"):
         table.add_column(column, justify="right" if column != "segment" else "left")
@@ -129,7 +130,8 @@ def show(config: DataConfig, tokenizer, index: int, console) -> None:
         text.append(piece, style=style)
     console.print(f"[bold]record {item.record_id}[/] ({len(item.input_ids)} tokens; "
                   f"{config.truncation.label()} keeps {kept.total}: prompt {kept.prompt}, "
-                  f"cot {kept.cot}, answer {kept.answer})")
+                  f"cot {kept.cot}, answer {kept.answer})", soft_wrap=True)
     console.print("legend: [cyan]prompt[/] [yellow]cot[/] [green]answer[/] "
-                  "[underline]supervised[/] [dim strike]cut[/] [bold red]✂[/] cut point")
-    console.print(text)
+                  "[underline]supervised[/] [dim strike]cut[/] [bold red]✂[/] cut point",
+                  soft_wrap=True)
+    console.print(text, soft_wrap=True)  # the record's own lines, as the tokenizer decodes them

@@ -1,7 +1,8 @@
 """Grids of runs: every point trained (then evaluated) in its own run directory.
 
 Re-running a sweep skips points that are complete (their summary.json exists), resumes a
-point that was interrupted from its last checkpoint, and retries a point that failed.
+point that was interrupted from its last checkpoint, and retries a point that failed. A point
+made under other settings or on other data is refused, and so is one another command is writing.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from essence.config.checks import check_unchanged
 from essence.config.load import load_config, parse_override
 from essence.errors import EssenceError
 from essence.io import write_json_atomic
+from essence.stopping import Stopped
+from essence.train.provenance import check_data_unchanged
+from essence.train.rundir import RunDirBusy, lock_holder
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,14 @@ def point_status(run_dir: Path) -> str:
     return "new"
 
 
+def _check_not_busy(run_dir: Path, name: str) -> None:
+    """Refuse a point whose folder another command (a train, another sweep) is writing."""
+    holder = lock_holder(run_dir)
+    if holder is not None:
+        raise RunDirBusy(f"sweep point {name} ({run_dir}) is in use by another run ({holder}); "
+                         "wait for it to finish, or sweep into another --out")
+
+
 def run_sweep(config_path: str, grid: list[str], out: str | Path,
               overrides: list[str] = (), overwrite: bool = False) -> dict[str, str]:
     """Train every grid point not yet complete; returns each point's final status.
@@ -74,10 +86,14 @@ def run_sweep(config_path: str, grid: list[str], out: str | Path,
     stale = []
     for point in points:  # validate every point before spending compute on the first
         config = load_config(config_path, [group, *overrides, *point.overrides])
+        _check_not_busy(out / point.name, point.name)
         try:
             check_unchanged(out / point.name / "config.yaml", config, f"sweep point {point.name}",
                             "rerun with --overwrite to redo it under the new settings, or sweep "
                             "into another --out")
+            check_data_unchanged(out / point.name, config, f"sweep point {point.name}",
+                                 "rerun with --overwrite to redo it on the new data, or sweep "
+                                 "into another --out")
         except EssenceError:
             if not overwrite:
                 raise
@@ -94,6 +110,7 @@ def run_sweep(config_path: str, grid: list[str], out: str | Path,
             results[point.name] = "complete (skipped)"
             continue
         config = load_config(config_path, [group, *overrides, *point.overrides])
+        _check_not_busy(run_dir, point.name)
         (run_dir / "failed.json").unlink(missing_ok=True)
         try:
             # The point's folder is this sweep's own (its config matched above): continue it.
@@ -104,6 +121,11 @@ def run_sweep(config_path: str, grid: list[str], out: str | Path,
                 ensure_cache(config, progress=config.train.progress)  # one per fingerprint
             train(config, run_dir, resume=resume)
             results[point.name] = "complete"
+        except RunDirBusy:  # another command writes there: neither record a failure nor go on
+            raise
+        except Stopped as stop:  # Ctrl-C or SIGTERM: the point saved; the sweep resumes it
+            raise Stopped(f"sweep point {point.name}: {stop.message}", stop.exit_code,
+                          resume="the same essence sweep command") from None
         except (EssenceError, RuntimeError, ValueError, OSError) as err:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(run_dir / "failed.json",

@@ -5,11 +5,14 @@ template, spans and max_length as `essence train`), runs the teacher once over e
 sequence and writes its sparse targets (essence.teacher.cache_format). Records are grouped into shards
 of a fixed size; a shard is written to a temporary file and renamed when complete, then its
 index is written beside it, so a killed build resumes at the first incomplete shard and produces
-the same bytes as an uninterrupted one (the teacher sees the same batches either way). Under
-`accelerate launch`, process i builds shards i, i + n, ...; the main process writes the manifest.
+the same bytes as an uninterrupted one (the teacher sees the same batches either way). The
+manifest is written last: until it exists, nothing reads the folder as a cache. Ctrl-C or
+SIGTERM stops after the current batch (finished shards are kept); a full disk is one line; the
+folder is locked while a build writes it; building over a complete cache checks every shard and
+redoes the damaged ones. Under `accelerate launch`, process i builds shards i, i + n, ...; the
+main process writes the manifest.
 
-What turns sequences into targets is a `TeacherPass`; `TorchTeacherPass` (a transformers model)
-is the one here, so another backend (e.g. vLLM prompt log-probs) plugs in beside it.
+What turns sequences into targets is a `TeacherPass` (essence.teacher.teacher_pass).
 """
 
 from __future__ import annotations
@@ -20,13 +23,19 @@ import time
 import zlib
 from dataclasses import asdict
 from pathlib import Path
-from typing import Protocol
 
-import numpy as np
 import torch
 
 from essence.errors import EssenceError
-from essence.io import write_json_atomic
+from essence.faults import fault_point
+from essence.io import (
+    FolderLock,
+    check_free_space,
+    check_out_dir,
+    write_failure,
+    write_json_atomic,
+)
+from essence.stopping import Stopped, StopRequest
 from essence.teacher.cache_format import (
     BUILD_STATE,
     FORMAT,
@@ -36,72 +45,17 @@ from essence.teacher.cache_format import (
     describe_differences,
     encode,
     fingerprint,
+    manifest_digest,
+    manifest_problem,
     resolve_cache_dir,
+    row_bytes,
+    shard_problem,
     token_digest,
 )
+from essence.teacher.teacher_pass import TeacherPass, TorchTeacherPass
 
-
-class TeacherPass(Protocol):
-    """Turns whole token sequences into per-position sparse targets (rows = tokens − 1)."""
-
-    def __call__(self, sequences: list[list[int]], ordinals: list[int]) -> list[RecordTargets]: ...
-
-
-class TorchTeacherPass:
-    """A transformers causal LM run over right-padded batches; top-k or sampled targets per row,
-    the LM head applied `chunk` positions at a time so memory stays O(chunk × vocab)."""
-
-    def __init__(self, model: torch.nn.Module, settings: CacheSettings, vocab: int, device,
-                 pad_id: int, chunk: int = 256):
-        self.model = model.to(device).eval().requires_grad_(False)
-        self.settings, self.vocab, self.device, self.pad_id = settings, vocab, device, pad_id
-        self.chunk = chunk
-
-    @torch.no_grad()
-    def __call__(self, sequences: list[list[int]], ordinals: list[int]) -> list[RecordTargets]:
-        width = max(len(s) for s in sequences)
-        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, seq in enumerate(sequences):
-            ids[row, :len(seq)], mask[row, :len(seq)] = torch.tensor(seq), 1
-        body = self.model.get_decoder()
-        hidden = body(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                      use_cache=False).last_hidden_state
-        head = self.model.get_output_embeddings().weight[:self.vocab].float()
-        return [self._targets(hidden[row, :len(seq) - 1], head, ordinal)
-                for row, (seq, ordinal) in enumerate(zip(sequences, ordinals))]
-
-    def _targets(self, hidden: torch.Tensor, head: torch.Tensor, ordinal: int) -> RecordTargets:
-        """hidden: [rows, H] of one record → its targets (numpy, fp32 values)."""
-        s, parts = self.settings, []
-        generator = torch.Generator().manual_seed(s.seed * 1_000_003 + ordinal)
-        for start in range(0, hidden.shape[0], self.chunk):
-            logits = hidden[start:start + self.chunk].float() @ head.T
-            parts.append(self._topk(logits) if s.mode == "topk" else self._sampled(logits, generator))
-        k = s.k
-        if not parts:
-            empty = np.zeros((0, k), np.float32)
-            topk = s.mode == "topk"
-            return RecordTargets(empty.astype(np.int64), empty, np.zeros(0, np.float32) if topk else None,
-                                 None if topk else empty.astype(np.uint8))
-        cat = [np.concatenate(p) if p[0] is not None else None for p in zip(*parts)]
-        return RecordTargets(*cat)
-
-    def _topk(self, logits: torch.Tensor):
-        logp = torch.log_softmax(logits / self.settings.temperature, dim=-1)
-        top, ids = logp.topk(min(self.settings.k, logp.shape[1]), dim=-1)
-        tail = torch.logsumexp(logp.scatter_(1, ids, -torch.inf), dim=-1)  # exact, −inf if empty
-        return ids.cpu().numpy(), top.cpu().numpy(), tail.cpu().numpy(), None
-
-    def _sampled(self, logits: torch.Tensor, generator: torch.Generator):
-        s = self.settings
-        logp = torch.log_softmax(logits / s.temperature, dim=-1)
-        draws = torch.multinomial(logp.exp().cpu(), s.k, replacement=True, generator=generator)
-        counts = torch.zeros(logp.shape, dtype=torch.int16).scatter_add_(
-            1, draws, torch.ones_like(draws, dtype=torch.int16))
-        top_counts, ids = counts.topk(s.k, dim=-1)  # distinct ids first, padding (count 0) after
-        return (ids.numpy(), logp.cpu().gather(1, ids).numpy(), None,
-                top_counts.to(torch.uint8).numpy())
+__all__ = ["TeacherPass", "TorchTeacherPass", "build_cache", "ensure_cache", "cache_settings",
+           "add_parser"]
 
 
 def _write_shard(out: Path, index: int, records, targets: list[RecordTargets],
@@ -110,15 +64,22 @@ def _write_shard(out: Path, index: int, records, targets: list[RecordTargets],
     name = f"shard-{index:05d}.bin"
     tmp = out / f".{name}.tmp"
     entries, offset = [], 0
-    with tmp.open("wb") as handle:
-        for rendered, target in zip(records, targets):
-            blob = encode(target, settings, vocab)
-            handle.write(blob)
-            entries.append({"id": rendered.record_id, "tokens": len(rendered.input_ids),
-                            "tokens_sha1": token_digest(rendered.input_ids), "shard": name,
-                            "offset": offset, "bytes": len(blob), "crc32": zlib.crc32(blob)})
-            offset += len(blob)
-    os.replace(tmp, out / name)
+    try:
+        with tmp.open("wb") as handle:
+            fault_point(f"write-{name}")
+            for rendered, target in zip(records, targets):
+                blob = encode(target, settings, vocab)
+                handle.write(blob)
+                entries.append({"id": rendered.record_id, "tokens": len(rendered.input_ids),
+                                "tokens_sha1": token_digest(rendered.input_ids), "shard": name,
+                                "offset": offset, "bytes": len(blob), "crc32": zlib.crc32(blob)})
+                offset += len(blob)
+        os.replace(tmp, out / name)
+    except OSError as err:
+        raise EssenceError(f"{write_failure(out / name, err)}; the shards finished before it are "
+                           "kept. Free disk space, then run the same command to resume") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     shard = {"file": name, "bytes": offset, "records": entries, "wall_time_s": seconds}
     write_json_atomic(out / f"shard-{index:05d}.json", shard)
     return shard
@@ -131,28 +92,50 @@ def _done_shard(out: Path, index: int) -> dict | None:
         return None
     try:
         shard = json.loads(path.read_text())
-    except ValueError:
+        data = out / shard["file"]
+        return shard if data.is_file() and data.stat().st_size == shard["bytes"] else None
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    data = out / shard["file"]
-    return shard if data.is_file() and data.stat().st_size == shard["bytes"] else None
 
 
-def _check_out(out: Path, state: dict) -> bool:
-    """True when out already holds this complete cache; refuses one of another experiment."""
-    for name in (MANIFEST, BUILD_STATE):
-        path = out / name
-        if not path.is_file():
-            continue
+def _read_json(path: Path) -> dict | None:
+    """A build's own JSON file, or None when it is missing or unreadable (it is redone)."""
+    try:
         found = json.loads(path.read_text())
+        return found if isinstance(found, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _check_out(out: Path, state: dict) -> None:
+    """Refuse a folder that holds the cache (or a build) of another experiment."""
+    for name in (MANIFEST, BUILD_STATE):
+        found = _read_json(out / name)
+        if found is None or "fingerprint" not in found:
+            continue
         diffs = describe_differences(state["fingerprint"], found["fingerprint"])
-        if found["settings"] != state["settings"]:
-            diffs.append(f"settings: this build {state['settings']}, folder {found['settings']}")
+        if found.get("settings") != state["settings"]:
+            diffs.append(f"settings: this build {state['settings']}, folder {found.get('settings')}")
         if diffs:
             raise EssenceError(f"{out} holds a teacher cache of another experiment "
                                f"({'; '.join(diffs)}); choose another --out or delete it")
-        if name == MANIFEST:
-            return True
-    return False
+
+
+def _repair(out: Path) -> list[str]:
+    """Check a complete cache's manifest and every shard; remove the manifest and each damaged
+    shard so that the build redoes them. Returns what was damaged (empty: all verified)."""
+    manifest = _read_json(out / MANIFEST)
+    problem = "unreadable" if manifest is None else manifest_problem(manifest)
+    damaged = [] if problem is None else [f"{out / MANIFEST}: {problem}"]
+    for shard in (manifest or {}).get("shards", []):
+        problem = shard_problem(out, shard)
+        if problem is not None:
+            damaged.append(problem)
+            for path in (out / shard["file"], out / shard["file"].replace(".bin", ".json")):
+                path.unlink(missing_ok=True)
+    if damaged:
+        (out / MANIFEST).unlink(missing_ok=True)
+    return damaged
 
 
 def _teacher(config, vocab: int, device):
@@ -173,16 +156,42 @@ def _teacher(config, vocab: int, device):
 
 def build_cache(config, out: str | Path, *, batch_size: int = 4, shard_records: int = 256,
                 progress: bool = True) -> dict:
-    """Build (or finish) the teacher cache of `config` in `out`; returns its manifest."""
-    from tqdm.auto import tqdm
-
-    from essence.data.pipeline import prepare
+    """Build (finish, or repair) the teacher cache of `config` in `out`; returns its manifest."""
     from essence.models.loading import load_tokenizer
     from essence.models.runtime import make_accelerator
 
     accelerator = make_accelerator(config.train)
     m = config.model
     tokenizer = load_tokenizer(m.tokenizer or m.student)
+    rendered = _unique_records(config, tokenizer)
+    vocab = len(tokenizer)
+    settings = cache_settings(config, vocab)
+    state = {"fingerprint": fingerprint(config, tokenizer, rendered), "settings": asdict(settings)}
+    out = check_out_dir(out)  # a file, below a file, read-only: one line, not a traceback
+    shards = [rendered[i:i + shard_records] for i in range(0, len(rendered), shard_records)]
+    lock = _claim(out, state, accelerator, shards, row_bytes(settings, vocab))
+    try:
+        if (out / MANIFEST).is_file():
+            return json.loads((out / MANIFEST).read_text())
+        model, flops, dtype = _teacher(config, vocab, accelerator.device)
+        teacher_pass = TorchTeacherPass(model, settings, vocab, accelerator.device,
+                                        tokenizer.pad_token_id)
+        _build_shards(out, shards, teacher_pass, settings, vocab, accelerator, batch_size,
+                      progress)
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:
+            return {}
+        return _write_manifest(out, state, len(shards), vocab, flops, dtype,
+                               m.teacher or "random-init", [len(r.input_ids) for r in rendered])
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _unique_records(config, tokenizer) -> list:
+    """The experiment's records rendered as training renders them; ids must be unique."""
+    from essence.data.pipeline import prepare
+
     rendered = prepare(config.data, tokenizer).rendered
     seen: set[str] = set()
     for r in rendered:
@@ -190,43 +199,63 @@ def build_cache(config, out: str | Path, *, batch_size: int = 4, shard_records: 
             raise EssenceError(f"record id {r.record_id!r} appears twice in {config.data.source}; "
                                "a teacher cache finds records by id, so ids must be unique")
         seen.add(r.record_id)
-    vocab = len(tokenizer)
-    settings = cache_settings(config, vocab)
-    state = {"fingerprint": fingerprint(config, tokenizer, rendered), "settings": asdict(settings)}
-    from essence.io import check_out_dir
+    return rendered
 
-    out = check_out_dir(out)  # a file, below a file, read-only: one line, not a traceback
-    if _check_out(out, state):
-        return json.loads((out / MANIFEST).read_text())
+
+def _claim(out: Path, state: dict, accelerator, shards: list, per_row: int) -> FolderLock | None:
+    """Refuse another experiment's cache (every process); on the main process lock the folder,
+    repair a complete cache, check the free space and record the build's state."""
+    _check_out(out, state)
+    lock = None
     if accelerator.is_main_process:
-        write_json_atomic(out / BUILD_STATE, state)
-    model, flops, dtype = _teacher(config, vocab, accelerator.device)
-    teacher_pass = TorchTeacherPass(model, settings, vocab, accelerator.device, tokenizer.pad_token_id)
-    shards = [rendered[i:i + shard_records] for i in range(0, len(rendered), shard_records)]
+        lock = FolderLock(out, "teacher cache build").acquire()
+        try:
+            for problem in _repair(out) if (out / MANIFEST).exists() else ():
+                print(f"essence: teacher cache {out}: {problem}; rebuilding it")
+            if not (out / MANIFEST).is_file():
+                todo = [s for i, s in enumerate(shards) if _done_shard(out, i) is None]
+                needed = per_row * sum(max(len(r.input_ids) - 1, 0) for s in todo for r in s)
+                check_free_space(out, needed, "the teacher cache")
+                write_json_atomic(out / BUILD_STATE, state)
+        except BaseException:
+            lock.release()
+            raise
+    accelerator.wait_for_everyone()  # the others see the repaired folder
+    return lock
+
+
+def _build_shards(out: Path, shards: list, teacher_pass, settings: CacheSettings, vocab: int,
+                  accelerator, batch_size: int, progress: bool) -> None:
+    """This process's shards not yet complete; Ctrl-C or SIGTERM stops after the batch."""
+    from tqdm.auto import tqdm
+
     mine = range(accelerator.process_index, len(shards), accelerator.num_processes)
     total = sum(len(r.input_ids) for i in mine for r in shards[i])
     bar = tqdm(total=total, desc="teacher cache", unit="tok", unit_scale=True, dynamic_ncols=True,
                disable=not (progress and accelerator.is_main_process))
-    for i in mine:
-        tokens = sum(len(r.input_ids) for r in shards[i])
-        if _done_shard(out, i) is None:
-            started = time.perf_counter()
-            base = i * shard_records
-            targets = []
+    per_shard = len(shards[0]) if shards else 0  # shard_records (only a lone shard is shorter)
+    with StopRequest("after this batch (finished shards are kept)") as stop, bar:
+        for i in mine:
+            if _done_shard(out, i) is not None:
+                bar.update(sum(len(r.input_ids) for r in shards[i]))
+                continue
+            started, targets = time.perf_counter(), []
             for b in range(0, len(shards[i]), batch_size):
+                if stop.requested:
+                    raise Stopped(_stop_message(out, len(shards)), stop.exit_code,
+                                  resume="the same essence teacher cache command")
                 group = shards[i][b:b + batch_size]
+                base = i * per_shard + b
                 targets += teacher_pass([r.input_ids for r in group],
-                                        list(range(base + b, base + b + len(group))))
+                                        list(range(base, base + len(group))))
                 bar.update(sum(len(r.input_ids) for r in group))
             _write_shard(out, i, shards[i], targets, settings, vocab, time.perf_counter() - started)
-        else:
-            bar.update(tokens)
-    bar.close()
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return {}
-    return _write_manifest(out, state, len(shards), vocab, flops, dtype, m.teacher or "random-init",
-                           [len(r.input_ids) for r in rendered])
+
+
+def _stop_message(out: Path, n_shards: int) -> str:
+    done = sum(_done_shard(out, i) is not None for i in range(n_shards))
+    return (f"stopped: {done} of {n_shards} shards of the teacher cache {out} are complete (it "
+            "has no manifest yet, so nothing reads it as a cache)")
 
 
 def cache_settings(config, vocab: int) -> CacheSettings:
@@ -262,6 +291,7 @@ def _write_manifest(out: Path, state: dict, n_shards: int, vocab: int, flops, dt
                          "tokens_per_s": sum(lengths) / max(seconds, 1e-9)},
         "shards": shards,
     }
+    manifest["sha256"] = manifest_digest(manifest)
     write_json_atomic(out / MANIFEST, manifest)
     return manifest
 

@@ -8,7 +8,8 @@ are also the teacher's outputs for every lead span: one cache serves every LSP o
 Layout of a cache folder (built by essence.teacher.cache_build, `essence teacher cache`):
 
     DIR/manifest.json      written last: fingerprint, settings, teacher pass FLOPs and time,
-                           and every record's shard, offset, size, CRC and token checksum
+                           and every record's shard, offset, size, CRC and token checksum;
+                           its own sha256 (of the rest) in "sha256"
     DIR/build.json         the fingerprint and settings a build started with (resume check)
     DIR/shard-00000.bin    record blobs back to back
     DIR/shard-00000.json   that shard's index, written once the shard is complete
@@ -18,6 +19,10 @@ top-k:   ids [rows, k] (2 bytes when the vocabulary fits, else 3), log p_T^τ [r
          (float16 or float32, sorted descending), log tail mass [rows] float32
 sampled: ids [rows, m], counts [rows, m] uint8 (0 = padding), log p_T^τ [rows, m]
 Bytes per target position: k·(2 + 2) + 4 at float16 with a vocabulary ≤ 65,536.
+
+Everything read back is checked before use: the manifest against its checksum, each shard's
+size, and each record's bytes against its CRC. A damaged cache is refused in one line naming
+the file and the command that rebuilds it, which redoes only the damaged shards.
 """
 
 from __future__ import annotations
@@ -211,6 +216,41 @@ def describe_differences(expected: dict[str, str], found: dict[str, str]) -> lis
 # Reading
 
 
+def rebuild_hint(directory: Path) -> str:
+    """How to repair a damaged cache (the build checks every shard and redoes the bad ones)."""
+    return f"rebuild it with essence teacher cache CONFIG --out {directory} (it redoes only the damage)"
+
+
+def manifest_digest(manifest: dict) -> str:
+    """The sha256 of a manifest without its own "sha256" entry."""
+    rest = {k: v for k, v in manifest.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """Why a manifest cannot be trusted (it does not match its checksum), or None. A manifest
+    without one (an older essence) is trusted."""
+    digest = manifest.get("sha256")
+    if digest is not None and digest != manifest_digest(manifest):
+        return f"{MANIFEST} does not match its checksum"
+    return None
+
+
+def shard_problem(directory: Path, shard: dict) -> str | None:
+    """What is wrong with one shard on disk (missing, truncated, a record's bytes changed)."""
+    path = Path(directory) / shard["file"]
+    if not path.is_file():
+        return f"{path} is missing"
+    if path.stat().st_size != shard["bytes"]:
+        return f"{path} has {path.stat().st_size} bytes, {shard['bytes']} were written"
+    with path.open("rb") as handle:
+        for record in shard["records"]:
+            handle.seek(record["offset"])
+            if zlib.crc32(handle.read(record["bytes"])) != record["crc32"]:
+                return f"{path}: record {record['id']!r} does not match its checksum"
+    return None
+
+
 def resolve_cache_dir(path: str | Path, fp: dict[str, str] | None = None) -> Path | None:
     """The cache folder: path itself when it holds a manifest, else path/<fingerprint key>
     (the layout essence sweep builds); None when neither is there."""
@@ -229,15 +269,21 @@ class CacheReader:
         self.dir = Path(directory)
         try:
             self.manifest = json.loads((self.dir / MANIFEST).read_text())
-        except (OSError, ValueError) as err:
+            problem = manifest_problem(self.manifest)
+            fmt = self.manifest.get("format")
+            if fmt == FORMAT and problem is None:
+                self.settings = CacheSettings(**self.manifest["settings"])
+                self.vocab = int(self.manifest["vocab"])
+                self.records = {r["id"]: r for s in self.manifest["shards"] for r in s["records"]}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise EssenceError(f"teacher cache {self.dir}: cannot read {MANIFEST} ({err}); "
-                               "rebuild it with essence teacher cache") from None
-        if self.manifest.get("format") != FORMAT:
-            raise EssenceError(f"teacher cache {self.dir} has format {self.manifest.get('format')}, "
+                               f"{rebuild_hint(self.dir)}") from None
+        if problem is not None:
+            raise EssenceError(f"teacher cache {self.dir} is damaged: {problem}; "
+                               f"{rebuild_hint(self.dir)}")
+        if fmt != FORMAT:
+            raise EssenceError(f"teacher cache {self.dir} has format {fmt}, "
                                f"this essence reads format {FORMAT}; rebuild it")
-        self.settings = CacheSettings(**self.manifest["settings"])
-        self.vocab = int(self.manifest["vocab"])
-        self.records = {r["id"]: r for shard in self.manifest["shards"] for r in shard["records"]}
         self._maps: dict[str, np.memmap | None] = {}
 
     @property
@@ -255,7 +301,8 @@ class CacheReader:
         return self._maps[name]
 
     def problem(self, record_id: str, digest: str) -> str | None:
-        """Why the record cannot be read (missing, truncated shard, bad CRC), or None."""
+        """Why the record cannot be served (not in the cache, other tokens), or None. A damaged
+        shard (missing, truncated, a record's bytes changed) is refused: EssenceError."""
         entry = self.records.get(record_id)
         if entry is None:
             return f"record {record_id!r} is not in the teacher cache {self.dir}"
@@ -265,13 +312,14 @@ class CacheReader:
         if entry["bytes"] == 0:
             return None
         shard = self._shard(entry["shard"])
+        path = self.dir / entry["shard"]
         if shard is None:
-            return (f"record {record_id!r}: shard {self.dir / entry['shard']} is missing or "
-                    "truncated")
-        blob = shard[entry["offset"]:entry["offset"] + entry["bytes"]]
-        if zlib.crc32(blob) != entry["crc32"]:
-            return f"record {record_id!r}: its bytes in {self.dir / entry['shard']} are corrupted"
-        return None
+            damage = f"shard {path} is missing or truncated"
+        elif zlib.crc32(shard[entry["offset"]:entry["offset"] + entry["bytes"]]) != entry["crc32"]:
+            damage = f"shard {path} is damaged (record {record_id!r} does not match its checksum)"
+        else:
+            return None
+        raise EssenceError(f"teacher cache {self.dir}: {damage}; {rebuild_hint(self.dir)}")
 
     def read(self, record_id: str) -> RecordTargets:
         """The record's targets ([tokens − 1] rows). Call problem() first."""

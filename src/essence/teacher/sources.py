@@ -137,7 +137,8 @@ class CachedTeacher:
 
     def bind(self, tokenizer, prepared, train_set: list, val_set: list) -> tuple[list, list]:
         """Open and check the cache and every record the run uses; returns the sets without the
-        records skipped under data.on_error: skip (missing or corrupted in the cache)."""
+        records skipped under data.on_error: skip (not in the cache). A damaged shard is refused
+        whatever data.on_error says: it is the cache that is broken, not the data."""
         from essence.teacher.cache_format import fingerprint, token_digest
 
         self._open(fingerprint(self.config, tokenizer, prepared.rendered))

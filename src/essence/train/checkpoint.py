@@ -8,9 +8,12 @@ Layout of a run directory:
     RUN/model/                     the final student, ready for `essence eval`
 
 Each checkpoint is written to a hidden temporary folder and renamed into place only when
-complete. Resuming walks back from the highest step number to the newest checkpoint whose
-files match its manifest, so a truncated file, a deleted optimizer state or a garbled
-`latest` costs only the steps since the checkpoint before it.
+complete, so a kill or a full disk mid-save leaves the one before it as it was. Resuming takes
+the checkpoint with the highest step number after checking its files against its manifest; one
+that does not match (a truncated or changed file, a deleted optimizer state) was damaged after
+it was written, and is refused in one line naming the file and what to do (delete that folder
+to resume from the checkpoint before it, or start over), never used and never skipped silently.
+A garbled `latest` is only informative and is ignored with a notice.
 """
 
 from __future__ import annotations
@@ -111,7 +114,7 @@ def intact_note(run_dir: Path) -> str:
 def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict) -> Path:
     """Write checkpoints/step-N with the student and the trainer state, then point latest at it."""
     root = run_dir / "checkpoints"
-    target = root / f"step-{step:06d}"
+    target = checkpoint_dir(run_dir, step)
     phase = f"save-{step}"
 
     def write(tmp: Path) -> None:
@@ -128,8 +131,15 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: d
     return target
 
 
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """RUN/checkpoints/step-NNNNNN, the folder of the checkpoint after optimizer step `step`."""
+    return run_dir / "checkpoints" / f"step-{step:06d}"
+
+
 def find_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
-    """The newest complete, verified checkpoint of a run, and notes on the ones skipped."""
+    """The newest checkpoint of a run, verified, and notes to show; None: there is none.
+
+    A newest checkpoint that does not match its manifest is refused (EssenceError)."""
     notes = []
     pointer = run_dir / "checkpoints" / "latest"
     steps = step_dirs(run_dir)
@@ -141,17 +151,35 @@ def find_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
         if name not in {p.name for p in steps.values()}:
             notes.append(f"checkpoints/latest names {name[:40]!r}, which is not a checkpoint "
                          "here; ignoring it")
-    for step in sorted(steps, reverse=True):
-        folder = steps[step]
-        problem = verify(folder)
-        if problem is None:
-            return folder, notes
-        if not (folder / MANIFEST).exists() and _complete_without_manifest(folder):
-            notes.append(f"{folder.name} has no {MANIFEST} (saved by an older essence); "
-                         "resuming from it unverified")
-            return folder, notes
-        notes.append(f"skipped {folder.name}: {problem}")
-    return None, notes
+    if not steps:
+        return None, notes
+    folder = steps[max(steps)]
+    problem = verify(folder)
+    if problem is None:
+        return folder, notes
+    if not (folder / MANIFEST).exists() and _complete_without_manifest(folder):
+        notes.append(f"{folder.name} has no {MANIFEST} (saved by an older essence); "
+                     "resuming from it unverified")
+        return folder, notes
+    earlier = [steps[s] for s in sorted(steps, reverse=True)[1:] if verify(steps[s]) is None]
+    back = (f"delete that folder to resume from {earlier[0].name}, the newest one that verifies, "
+            if earlier else "no earlier checkpoint verifies; ")
+    raise EssenceError(f"checkpoint {folder} is damaged ({problem}); {back}or pass --overwrite "
+                       "instead of --resume to start the run over")
+
+
+def choose_checkpoint(run_dir: Path, announce: bool) -> Path | None:
+    """The checkpoint --resume continues from (None: start from the beginning); announce: print
+    the notes (the main process)."""
+    checkpoint, notes = find_checkpoint(run_dir)
+    for note in notes if announce else ():
+        print(f"essence: {note}")
+    if checkpoint is None and notes:
+        raise EssenceError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'} "
+                           f"({'; '.join(notes)}); pass --overwrite to start this run again")
+    if checkpoint is None and announce:
+        print(f"essence: no checkpoint in {run_dir}; starting from the beginning")
+    return checkpoint
 
 
 def _complete_without_manifest(folder: Path) -> bool:
@@ -164,8 +192,10 @@ def load_trainer_state(checkpoint: Path) -> dict:
     try:
         return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
     except Exception as err:  # a damaged file can raise many types
-        raise EssenceError(f"checkpoint {checkpoint} is unreadable ({err}); "
-                           "delete it to resume from the one before") from None
+        raise EssenceError(f"checkpoint {checkpoint}: {STATE_FILE} is unreadable "
+                           f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
+                           "delete that folder to resume from the one before, or pass "
+                           "--overwrite instead of --resume to start over") from None
 
 
 def prune_checkpoints(run_dir: Path, keep: int, current: int) -> None:

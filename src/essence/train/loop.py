@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,10 +30,12 @@ from essence.models.sharding import (
     register_head,
     shard_teacher,
 )
+from essence.stopping import Stopped, StopRequest
 from essence.teacher.sources import OnlineTeacher
 from essence.train.accounting import Ledger, peak_memory_bytes, reset_peak_memory
 from essence.train.checkpoint import (
-    find_checkpoint,
+    checkpoint_dir,
+    choose_checkpoint,
     intact_note,
     load_trainer_state,
     prune_checkpoints,
@@ -41,6 +44,8 @@ from essence.train.checkpoint import (
     save_model,
     set_rng_state,
 )
+from essence.train.rundir import resume_command, stop_message
+from essence.train.sampling import build_sampler, generation_context, is_sampled_step
 from essence.train.saving import SavedStudent
 from essence.train.setup import (
     build_models,
@@ -59,7 +64,6 @@ from essence.train.step import (
 from essence.train.tracking import MetricsLog, check_trackers, start_trackers
 
 
-
 class Trainer:
     """Owns the loop: which batches form a step, when to log, validate and save."""
 
@@ -68,7 +72,7 @@ class Trainer:
         check_trackers(config.train.tracker)  # a missing package fails before any work
         self.accelerator = make_accelerator(config.train, project_dir=run_dir)
         self.is_main = self.accelerator.is_main_process
-        checkpoint = self._choose_checkpoint() if resume else None
+        checkpoint = choose_checkpoint(run_dir, self.is_main) if resume else None
         if checkpoint is not None:
             check_unchanged(run_dir / "config.yaml", config, f"the run in {run_dir}",
                             "resume with the same settings (only when to stop, log, validate or "
@@ -96,7 +100,8 @@ class Trainer:
         self.total_steps = max(1, math.ceil(self.steps_per_epoch * config.train.epochs))
         if config.train.max_steps is not None:
             self.total_steps = min(self.total_steps, config.train.max_steps)
-        self.sampler = self._build_sampler(prepared) if config.sampling.active else None
+        self.sampler = (build_sampler(config, self.models, prepared.rendered, self.accelerator)
+                        if config.sampling.active else None)
         step_module = DistillStep(self.models.student, config.loss, len(self.models.tokenizer),
                                   continuation_divergence=config.sampling.divergence,
                                   continuation_params=config.sampling.params)
@@ -114,20 +119,6 @@ class Trainer:
         trackers = (start_trackers(self.accelerator, config, to_dict(config), run_dir, self.step)
                     if self.is_main else [])
         self.log = MetricsLog(run_dir, self.is_main, resume_step=self.step, trackers=trackers)
-
-    def _choose_checkpoint(self) -> Path | None:
-        """The newest verified checkpoint to resume from (None: start from the beginning)."""
-        checkpoint, notes = find_checkpoint(self.run_dir)
-        if self.is_main:
-            for note in notes:
-                print(f"essence: {note}")
-        if checkpoint is None and notes:
-            raise EssenceError(
-                f"--resume: no complete checkpoint in {self.run_dir / 'checkpoints'} "
-                f"({'; '.join(notes)}); pass --overwrite to start this run again")
-        if checkpoint is None and self.is_main:
-            print(f"essence: no checkpoint in {self.run_dir}; starting from the beginning")
-        return checkpoint
 
     def _report_skipped(self, skipped) -> None:
         if skipped and self.is_main:
@@ -195,7 +186,7 @@ class Trainer:
             sync = i == len(batches) - 1
             extra = {} if batch.continuation_mask is None else {  # lead_then_student's third term
                 "continuation_mask": batch.continuation_mask, "continuation_weight": w_cont}
-            with self.accelerator.no_sync(self.step_module) if not sync else _null():
+            with self.accelerator.no_sync(self.step_module) if not sync else nullcontext():
                 out = self.step_module(batch.input_ids, batch.attention_mask, batch.nll_mask,
                                        batch.kd_mask, teacher, weights, **extra,
                                        position_ids=batch.position_ids)
@@ -235,26 +226,9 @@ class Trainer:
                 metrics["loss"] = loss + self.config.sampling.continuation_weight * cont
         return metrics
 
-    def _build_sampler(self, prepared):
-        """The sampler of sampling.method, with each record's whole prompt and full length."""
-        from essence.eval.generate import stop_token_ids
-        from essence.train.sampling import HFGenerator, Sampler
-
-        tokenizer = self.models.tokenizer
-        stops = stop_token_ids(tokenizer, getattr(self.models.student, "generation_config", None))
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-        fsdp = self.accelerator.distributed_type.name == "FSDP"
-        generator = HFGenerator(self.config.sampling, stops, pad, synced_gpus=fsdp)
-        prompts = {r.record_id: r.input_ids[:r.spans.prompt[1]] for r in prepared.rendered}
-        lengths = {r.record_id: len(r.input_ids) for r in prepared.rendered}
-        return Sampler(self.config.sampling, self.config.loss.kd_ratio, prompts, lengths, pad,
-                       generator)
-
     def _sample(self, batches: list[Batch]) -> tuple[list[Batch], float | None]:
         """The step's batches with sampled text when this step is drawn for sampling, and the
         seconds spent generating (None: not a sampled step)."""
-        from essence.train.sampling import generation_context, is_sampled_step
-
         if self.sampler is None or not is_sampled_step(self.config.sampling, self.step):
             return batches, None
         teacher = self.models.teacher
@@ -325,37 +299,54 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def run(self) -> dict:
+        """Train to total_steps; a Ctrl-C or SIGTERM stops after the step it lands in, saved
+        (every process stops at the same step: the request is summed with the step's tokens)."""
         cfg = self.config.train
         reset_peak_memory(self.accelerator.device)
         self.step_module.train()
         self._weights("train")
-        bar = _progress(self.total_steps, self.step, enabled=cfg.progress and self.is_main)
         started = time.perf_counter() - self.elapsed
-        while self.step < self.total_steps:
-            metrics = self.optimizer_step(self.micro_batches(self.step))
-            self.step += 1
-            fault_point(f"step-{self.step}")
-            self.elapsed = time.perf_counter() - started
-            self.last_train_loss = metrics["loss"]
-            tokens = self._reduce([self.ledger.student_tokens])[0]
-            metrics.update(step=self.step, epoch=self.step / self.steps_per_epoch,
-                           tokens=int(tokens), elapsed_s=self.elapsed,
-                           tokens_per_s=tokens / max(self.elapsed, 1e-9))
-            if cfg.val_every and self.step % cfg.val_every == 0:
-                self.last_val_loss = metrics["val_loss"] = self.validate()
-            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                self.log.write(metrics)
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-            if (cfg.save_checkpoints and cfg.save_every and self.step % cfg.save_every == 0
-                    and self.step < self.total_steps):
-                self.save()
-        bar.close()
-        if self.val_set and not (cfg.val_every and self.step % cfg.val_every == 0):
-            self.last_val_loss = self.validate()
-        if cfg.save_checkpoints:
-            self.save(final=True)  # schedule-free: its evaluation weights, kept for the eval
+        with StopRequest("after this step") as stop, _progress(
+                self.total_steps, self.step, enabled=cfg.progress and self.is_main) as bar:
+            while self.step < self.total_steps:
+                metrics = self.optimizer_step(self.micro_batches(self.step))
+                self.step += 1
+                fault_point(f"step-{self.step}")
+                self.elapsed = time.perf_counter() - started
+                self.last_train_loss = metrics["loss"]
+                tokens, stops = self._reduce([self.ledger.student_tokens, float(stop.requested)])
+                metrics.update(step=self.step, epoch=self.step / self.steps_per_epoch,
+                               tokens=int(tokens), elapsed_s=self.elapsed,
+                               tokens_per_s=tokens / max(self.elapsed, 1e-9))
+                if cfg.val_every and self.step % cfg.val_every == 0:
+                    self.last_val_loss = metrics["val_loss"] = self.validate()
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    self.log.write(metrics)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                last = self.step == self.total_steps
+                if cfg.save_checkpoints and not last and (
+                        stops or (cfg.save_every and self.step % cfg.save_every == 0)):
+                    self.save()
+                if stops and not last:
+                    self._stopped(stop)
+            if self.val_set and not (cfg.val_every and self.step % cfg.val_every == 0):
+                self.last_val_loss = self.validate()
+            if cfg.save_checkpoints:
+                self.save(final=True)  # schedule-free: its evaluation weights, kept for the eval
+            if self._reduce([float(stop.requested)])[0]:  # landed in the last step: no eval now
+                self._stopped(stop)
         return self.summary()
+
+    def _stopped(self, stop: StopRequest) -> None:
+        """Raise Stopped once a requested stop has saved (the message: on the main process)."""
+        code = self._reduce_max(stop.exit_code if stop.requested else 0)
+        if not self.is_main:
+            raise Stopped("", code)
+        saved = self.config.train.save_checkpoints
+        where = checkpoint_dir(self.run_dir, self.step) if saved else None
+        raise Stopped(stop_message(self.step, self.total_steps, where), code,
+                      resume=resume_command(self.run_dir))
 
     def summary(self) -> dict:
         totals = self.global_ledger()
@@ -400,14 +391,6 @@ class Trainer:
     def _reduce_max(self, value: int) -> int:
         tensor = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
         return int(self.accelerator.reduce(tensor, reduction="max").item())
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _progress(total: int, initial: int, enabled: bool):

@@ -16,6 +16,7 @@ from essence.config.schema import Config
 from essence.io import check_free_space, write_json_atomic
 from essence.train.checkpoint import checkpoint_bytes
 from essence.train.loop import Trainer
+from essence.train.provenance import check_data_unchanged, record_data
 from essence.train.rundir import claim_run_dir
 from essence.train.setup import check_inputs
 
@@ -24,17 +25,23 @@ EVAL_DELAY_HOOK = "ESSENCE_TEST_EVAL_DELAY_S"
 
 
 def train(config: Config, out_dir: str | Path, resume: bool = False,
-          overwrite: bool = False) -> dict:
+          overwrite: bool = False, accept_changed_data: bool = False) -> dict:
     """Run one experiment into `out_dir`; returns (and writes) its summary.json.
 
     The folder is locked while the run writes; one holding another run's results is refused
-    unless resume (continue it) or overwrite (replace it) is set.
+    unless resume (continue it) or overwrite (replace it) is set. A resume on data other than
+    the run recorded in RUN/data.json is refused unless accept_changed_data is set.
+    A Ctrl-C or SIGTERM while training saves a checkpoint and raises essence.stopping.Stopped.
     """
     check_inputs(config)
     # Only the main process owns the folder (RANK is set by accelerate/torchrun launches).
-    lock = (claim_run_dir(out_dir, resume=resume, overwrite=overwrite)
-            if int(os.environ.get("RANK", "0")) == 0 else None)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    lock = claim_run_dir(out_dir, resume=resume, overwrite=overwrite) if is_main else None
     try:
+        if is_main:
+            record_data(Path(out_dir), config, resume, accept_changed_data)
+        elif resume and not accept_changed_data:  # every process refuses, none waits for rank 0
+            check_data_unchanged(out_dir, config)
         return _train(config, Path(out_dir), resume)
     finally:
         if lock is not None:

@@ -9,68 +9,23 @@ unless the user said --resume or --overwrite, and clears what a killed run left 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
-import socket
 from pathlib import Path
 
 from essence.errors import EssenceError
-from essence.io import check_out_dir
+from essence.io import LOCK_FILE, FolderBusy, FolderLock, check_out_dir, lock_holder
 
-LOCK_FILE = ".essence.lock"
+__all__ = ["LOCK_FILE", "RunLock", "RunDirBusy", "lock_holder", "claim_run_dir", "run_results",
+           "clean_interrupted_writes", "resume_command", "stop_message"]
+
 # What a run leaves behind; any of these means the folder holds a run's results.
 RESULTS = ("summary.json", "checkpoints", "model", "metrics.jsonl", "eval")
-RUN_FILES = (*RESULTS, "config.yaml", "failed.json", "tensorboard")
+RUN_FILES = (*RESULTS, "config.yaml", "failed.json", "tensorboard", "data.json")
 
-
-class RunLock:
-    """An exclusive lock on a run folder, held while a run writes into it.
-
-    An flock on RUN/.essence.lock: the kernel drops it when the process dies, so a killed
-    run never leaves a folder locked.
-    """
-
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / LOCK_FILE
-        self.handle = None
-
-    def acquire(self) -> "RunLock":
-        try:
-            import fcntl
-        except ImportError:  # no flock on this platform: run unlocked
-            return self
-        for _ in range(3):
-            handle = self.path.open("a+")
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip() or "another process"
-                handle.close()
-                raise EssenceError(
-                    f"{self.path.parent} is in use by another run ({holder}); wait for it to "
-                    "finish or choose another --out") from None
-            # A releasing run unlinks the file: make sure we locked the one at the path.
-            if self.path.exists() and os.stat(self.path).st_ino == os.fstat(handle.fileno()).st_ino:
-                handle.seek(0)
-                handle.truncate()
-                handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-                handle.flush()
-                self.handle = handle
-                return self
-            handle.close()
-        raise EssenceError(f"could not lock {self.path}; is another run starting there?")
-
-    def release(self) -> None:
-        if self.handle is not None:
-            self.path.unlink(missing_ok=True)
-            self.handle.close()
-            self.handle = None
-
-    def __enter__(self) -> "RunLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+RunLock = FolderLock
+"""The lock of a run folder (essence.io.FolderLock): a second run into it is refused."""
+RunDirBusy = FolderBusy
 
 
 def run_results(run_dir: Path) -> list[str]:
@@ -131,3 +86,16 @@ def clean_interrupted_writes(run_dir: Path) -> list[str]:
         for tmp in folder.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
     return done
+
+
+def resume_command(run_dir: Path) -> str:
+    """The exact command that continues the run in `run_dir` (its own resolved config.yaml)."""
+    run = shlex.quote(str(run_dir))
+    return f"essence train {shlex.quote(str(Path(run_dir) / 'config.yaml'))} --out {run} --resume"
+
+
+def stop_message(step: int, total: int, saved: Path | None) -> str:
+    """What a run stopped on request says it kept (essence.stopping.Stopped adds the resume)."""
+    where = (f"saved {saved}" if saved is not None
+             else "nothing saved (train.save_checkpoints is false), so a resume starts over")
+    return f"stopped after step {step}/{total}; {where}"

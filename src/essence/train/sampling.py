@@ -114,6 +114,21 @@ class GenerationCost:
     sequences: int = 0
 
 
+def build_sampler(config, models, rendered: list, accelerator) -> "Sampler":
+    """The sampler of config.sampling.method, with each record's whole prompt and full length
+    (models: essence.train.setup.Models; rendered: the data's rendered records)."""
+    from essence.eval.generate import stop_token_ids
+
+    tokenizer = models.tokenizer
+    stops = stop_token_ids(tokenizer, getattr(models.student, "generation_config", None))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    fsdp = accelerator.distributed_type.name == "FSDP"
+    generator = HFGenerator(config.sampling, stops, pad, synced_gpus=fsdp)
+    prompts = {r.record_id: r.input_ids[:r.spans.prompt[1]] for r in rendered}
+    lengths = {r.record_id: len(r.input_ids) for r in rendered}
+    return Sampler(config.sampling, config.loss.kd_ratio, prompts, lengths, pad, generator)
+
+
 class Sampler:
     """Builds a sampled step's micro-batches from its teacher-forced ones (this process's)."""
 
