@@ -236,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_analyze_parser(sub)
     add_study_parser(sub)
+
+    from essence.experiments.frontier_command import add_parser as add_frontier_parser
+
+    add_frontier_parser(sub)
     return parser
 
 
