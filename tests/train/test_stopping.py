@@ -141,3 +141,23 @@ def test_a_second_command_on_a_run_folder_is_refused_naming_the_first(
     assert not (run / "config.yaml").exists()
     assert main(["train", str(config_file), "--out", str(run)]) == 0
 
+
+
+def test_a_full_disk_during_eval_is_one_line_and_keeps_the_results_before(
+        straight, tmp_path, capsys, monkeypatch):
+    from conftest import BENCHMARKS
+
+    out = tmp_path / "eval"
+    argv = ["eval", "--model", str(straight / "model"), "--bench",
+            str(BENCHMARKS / "gsm8k_schema.jsonl"), "--limit", "2", "--max-new-tokens", "4",
+            "--out", str(out)]
+    assert main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    monkeypatch.setenv("ESSENCE_FAULT", "write-details.jsonl=enospc")
+    code = main(argv)
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if line.startswith("essence:")]
+    assert code == 2 and len(said) == 1 and "Traceback" not in err, err
+    assert f"could not write {out / 'details.jsonl'} (No space left on device)" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

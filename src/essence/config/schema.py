@@ -244,6 +244,11 @@ class EvalConfig:
     """Generation backend."""
     instruction: str = DEFAULT_INSTRUCTION
     """Appended to each problem in the user turn; empty for none (problems that carry their own)."""
+    thinking_budget: int | None = bounded(None, ge=1)
+    """Close `</think>` after this many thinking tokens and let the model answer (None: no budget);
+    the summary gives the accuracy and thinking tokens with and without it."""
+    answer_max_tokens: int = bounded(64, ge=1)
+    """With a thinking budget: new tokens allowed for the answer after a forced `</think>`."""
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,21 @@ def add_parser(subparsers) -> None:
         default=DEFAULT_INSTRUCTION,
         help="text appended to each problem; '' for none (default: reason step by step, answer in \\boxed{})",
     )
+    parser.add_argument(
+        "--thinking-budget",
+        type=int,
+        default=None,
+        metavar="N",
+        help="after N thinking tokens without </think>, close it and let the model answer; the "
+        "summary gives accuracy with and without the budget (default: no budget)",
+    )
+    parser.add_argument(
+        "--answer-max-tokens",
+        type=int,
+        default=64,
+        metavar="N",
+        help="with --thinking-budget: new tokens for the answer after a forced </think> (default 64)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -101,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
         instruction=args.instruction,
         chat_template=args.chat_template,
         field_map=parse_field_map(args.field_map),
+        thinking_budget=args.thinking_budget,
+        answer_max_tokens=args.answer_max_tokens,
     )
     print(f"wrote {args.out}/summary.json and {args.out}/details.jsonl")
     return 0

@@ -9,7 +9,7 @@ so a benchmark gives comparable numbers on either. Sampling is plain temperature
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Literal
 
 from essence.errors import EssenceError
@@ -35,6 +35,7 @@ class Sample:
     text: str  # the generated text up to (not including) the stop token
     num_tokens: int  # generated tokens, the stop token included
     truncated: bool  # hit max_new_tokens before a stop token
+    ids: tuple[int, ...] = field(default=(), repr=False, compare=False)  # text's token ids
 
 
 @dataclass(frozen=True)
@@ -81,14 +82,16 @@ def to_sample(token_ids: list[int], stop_ids: list[int], tokenizer) -> Sample:
     stops = set(stop_ids)
     end = next((i for i, token in enumerate(token_ids) if token in stops), None)
     if end is None:
-        return Sample(tokenizer.decode(token_ids, skip_special_tokens=False), len(token_ids), True)
-    return Sample(tokenizer.decode(token_ids[:end], skip_special_tokens=False), end + 1, False)
+        return Sample(tokenizer.decode(token_ids, skip_special_tokens=False), len(token_ids), True,
+                      tuple(token_ids))
+    return Sample(tokenizer.decode(token_ids[:end], skip_special_tokens=False), end + 1, False,
+                  tuple(token_ids[:end]))
 
 
 def generate_hf(
     model,
     tokenizer,
-    prompts: list[str],
+    prompts: list[str] | list[list[int]],
     settings: SamplingSettings,
     *,
     batch_size: int = 8,
@@ -107,7 +110,7 @@ def generate_hf(
         raise EssenceError(f"batch_size must be at least 1, got {batch_size}")
     stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    encoded = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
+    encoded = [_ids(tokenizer, prompt) for prompt in prompts]
     # Greedy samples are identical: generate one and repeat it.
     n = 1 if settings.temperature == 0 else settings.n
     # Longest prompts first: less padding per batch, and an out-of-memory shows up at once.
@@ -145,7 +148,8 @@ def load_vllm(model_path: str, *, tokenizer_path: str | None = None, seed: int =
 
 
 def generate_vllm(
-    llm, tokenizer, prompts: list[str], settings: SamplingSettings, *, progress: bool = True
+    llm, tokenizer, prompts: list[str] | list[list[int]], settings: SamplingSettings, *,
+    progress: bool = True
 ) -> list[list[Sample]]:
     """settings.n samples for each prompt with a vLLM engine (see load_vllm); [prompts][n] Samples.
 
@@ -170,15 +174,20 @@ def generate_vllm(
         for i in range(len(prompts))
     ]
     # Token ids, not text: vLLM would add a BOS the rendered template may already contain.
-    inputs = [
-        {"prompt_token_ids": tokenizer(p, add_special_tokens=False)["input_ids"]} for p in prompts
-    ]
+    inputs = [{"prompt_token_ids": _ids(tokenizer, p)} for p in prompts]
     outputs = llm.generate(inputs, params, use_tqdm=progress)
     results = []
     for out in outputs:
         samples = [to_sample(list(o.token_ids), stop_ids, tokenizer) for o in out.outputs]
         results.append((samples * settings.n)[: settings.n])
     return results
+
+
+def _ids(tokenizer, prompt: str | list[int]) -> list[int]:
+    """A prompt's token ids: a rendered text is tokenized, ids (a budget's phase 2) pass as is."""
+    if isinstance(prompt, list):
+        return prompt
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
 def require_vllm() -> None:

@@ -88,12 +88,13 @@ def _breakdown(lines: list[dict], key: str) -> dict[str, dict[str, Any]]:
 
 
 def write_results(out_dir: Path, summary: dict, lines: list[dict]) -> None:
-    """Write summary.json and details.jsonl; each file is replaced whole or not at all."""
+    """Write details.jsonl, then summary.json; each file is replaced whole or not at all, so a
+    failed write (a full disk) leaves the summary describing details that are all there."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     # default=str: a local file's extra columns (dates, decimals) must not stop the write.
     text = "".join(json.dumps(line, ensure_ascii=False, default=str) + "\n" for line in lines)
     write_text_atomic(out_dir / DETAILS_FILE, text)
+    write_text_atomic(out_dir / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
 
 
 def print_table(entries: list[dict]) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 from essence.data.render import DEFAULT_INSTRUCTION
 from essence.errors import EssenceError
 from essence.eval.benchmarks import Problem, load_benchmark
+from essence.eval.budget import ThinkingBudget, budgeted_lines, summarize_budget
 from essence.eval.generate import (
     Backend,
     SamplingSettings,
@@ -45,6 +46,8 @@ def evaluate(
     field_map: dict[str, str] | None = None,
     tokenizer: Any = None,
     progress: bool = True,
+    thinking_budget: int | None = None,
+    answer_max_tokens: int = 64,
 ) -> dict[str, Any]:
     """Sample `n` responses per problem of each benchmark, grade them, write and return the summary.
 
@@ -54,12 +57,18 @@ def evaluate(
         rewritten after each benchmark so a long run keeps what it finished.
     batch_size: sequences per `generate` call (hf backend; vLLM schedules its own batches).
     progress: show the progress bar and, at the end, the results table.
+    thinking_budget: close `</think>` after this many thinking tokens and let the model answer in
+        at most answer_max_tokens (essence.eval.budget); the summary then has a "budget" block
+        per benchmark with the accuracy and thinking tokens with and without it.
     Returns the summary.json content: {"model", "settings", "benchmarks": {bench: scores}}.
     """
     settings = SamplingSettings(
         n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
     )
     _check_request(settings, backend, benches, batch_size)
+    budget = None if thinking_budget is None else ThinkingBudget(thinking_budget, answer_max_tokens)
+    if budget is not None:
+        budget.check()
     check_out_dir(out_dir)  # a read-only or mistyped --out fails now, not after generating
     # Files, tokenizer and prompts are all checked before the weights load, so a mistake
     # fails in seconds rather than after minutes of loading.
@@ -91,6 +100,8 @@ def evaluate(
         "instruction": instruction,
         "system": system,
         "chat_template": chat_template,
+        **({} if budget is None else {"thinking_budget": budget.thinking,
+                                      "answer_max_tokens": budget.answer_max_tokens}),
     }
     summary: dict[str, Any] = {"model": model_name, "settings": run_settings, "benchmarks": {}}
     lines: list[dict] = []
@@ -106,12 +117,15 @@ def evaluate(
             backend,
             batch_size,
             progress,
+            budget,
         )
         lines += bench_lines
         seconds = time.perf_counter() - started
         summary["benchmarks"][bench] = summarize(
             bench_lines, benchmark=bench, model=model_name, seconds=seconds
         )
+        if budget is not None:
+            summary["benchmarks"][bench]["budget"] = summarize_budget(bench_lines, budget)
         write_results(Path(out_dir), summary, lines)
     if progress:
         print_table(list(summary["benchmarks"].values()))
@@ -128,14 +142,20 @@ def _run_benchmark(
     backend: Backend,
     batch_size: int,
     progress: bool,
+    budget: ThinkingBudget | None = None,
 ) -> list[dict]:
     """Generate and grade one benchmark; its details lines."""
-    if backend == "hf":
-        samples = generate_hf(
-            model, tokenizer, prompts, settings, batch_size=batch_size, progress=progress
-        )
-    elif backend == "vllm":
-        samples = generate_vllm(model, tokenizer, prompts, settings, progress=progress)
+
+    def generate(batch: list, sampling: SamplingSettings) -> list:
+        if backend == "vllm":
+            return generate_vllm(model, tokenizer, batch, sampling, progress=progress)
+        return generate_hf(model, tokenizer, batch, sampling, batch_size=batch_size,
+                           progress=progress)
+
+    samples = generate(prompts, settings)
+    if budget is not None:
+        return budgeted_lines(bench, problems, prompts, samples, generate, tokenizer, settings,
+                              budget)
     return [
         details_line(
             bench, problem, prompt, row, [grade_detail(s.text, problem.answer) for s in row]
@@ -230,4 +250,5 @@ def evaluate_with(settings, model: Any, benches: list[str], out_dir: str | Path,
         temperature=settings.temperature, top_p=settings.top_p, limit=settings.limit,
         batch_size=settings.batch_size, backend=settings.backend, seed=seed,
         chat_template=chat_template, instruction=settings.instruction or None,
+        thinking_budget=settings.thinking_budget, answer_max_tokens=settings.answer_max_tokens,
     )

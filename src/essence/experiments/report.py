@@ -32,18 +32,46 @@ SAMPLING_COLUMNS = {"truncation": ("sampling",),
 generation cost, apart from (and included in) the run's total FLOPs and time."""
 
 
+BUDGET_COLUMNS = ("accuracy_unbudgeted", "thinking_tokens", "thinking_tokens_unbudgeted",
+                  "forced_pct")
+"""Shown after accuracy when a run was evaluated under a thinking budget (eval.thinking_budget):
+the accuracy without it, mean thinking tokens with and without it, and the share it closed."""
+
+
 def columns(rows: list[dict]) -> tuple[str, ...]:
-    """The report's columns: COLUMNS, with the sampling ones when any run sampled."""
-    if not any(r.get("sampling") not in (None, "none") for r in rows):
-        return COLUMNS
-    return tuple(c for column in COLUMNS for c in (column, *SAMPLING_COLUMNS.get(column, ())))
+    """The report's columns: COLUMNS, with the sampling ones when any run sampled and the budget
+    ones when any run was evaluated under a thinking budget."""
+    extra = dict(SAMPLING_COLUMNS) if any(r.get("sampling") not in (None, "none")
+                                          for r in rows) else {}
+    if any(r.get("accuracy_unbudgeted") is not None for r in rows):
+        extra["accuracy"] = BUDGET_COLUMNS
+    return tuple(c for column in COLUMNS for c in (column, *extra.get(column, ())))
+
+
+def budget_of(summary: dict) -> dict:
+    """Means over benchmarks of the thinking-budget block (empty: evaluated without a budget)."""
+    results = summary.get("eval") or {}
+    benches = results.get("benchmarks", results) if isinstance(results, dict) else {}
+    blocks = [b["budget"] for b in benches.values() if isinstance(b, dict) and "budget" in b]
+    if not blocks:
+        return {}
+
+    def avg(key: str) -> float:
+        return sum(b[key] for b in blocks) / len(blocks)
+
+    return {"accuracy_unbudgeted": avg("pass@1_unbudgeted"),
+            "thinking_tokens": avg("thinking_tokens_mean"),
+            "thinking_tokens_unbudgeted": avg("thinking_tokens_mean_unbudgeted"),
+            "forced_pct": 100.0 * avg("forced_frac")}
 
 
 HEADERS = {"sampling": "sampling", "generation_flops": "gen FLOPs", "generation_time_s": "gen time",
            "run": "run", "truncation": "trunc", "lsp": "LSP", "accuracy": "acc",
            "retention_pct": "retain", "student_tokens": "tokens", "total_flops": "FLOPs",
            "wall_time_s": "time", "peak_memory_bytes": "memory", "token_saving_pct": "-tok",
-           "flops_saving_pct": "-FLOPs", "time_saving_pct": "-time", "memory_saving_pct": "-mem"}
+           "flops_saving_pct": "-FLOPs", "time_saving_pct": "-time", "memory_saving_pct": "-mem",
+           "accuracy_unbudgeted": "acc (no budget)", "thinking_tokens": "think tok",
+           "thinking_tokens_unbudgeted": "think tok (no budget)", "forced_pct": "forced"}
 
 
 def accuracy_of(summary: dict) -> float | None:
@@ -107,7 +135,7 @@ def collect(runs_dir: Path, baseline: str | None = None) -> list[dict]:
             "wall_time_s": summary.get("wall_time_s"),
             "peak_memory_bytes": summary.get("peak_memory_bytes"),
             "sampling": summary.get("sampling"), "generation_flops": summary.get("generation_flops"),
-            "generation_time_s": summary.get("generation_time_s"),
+            "generation_time_s": summary.get("generation_time_s"), **budget_of(summary),
         })
     if not rows:
         raise EssenceError(f"no run under {runs_dir} has a summary.json yet")
@@ -138,8 +166,10 @@ def _baseline(rows: list[dict], name: str | None) -> dict | None:
 def _fmt(key: str, value) -> str:
     if value is None:
         return "-"
-    if key == "accuracy":
+    if key in ("accuracy", "accuracy_unbudgeted"):
         return f"{value:.1%}"
+    if key.startswith("thinking_tokens"):
+        return f"{value:.0f}"
     if key.endswith("_pct"):
         return f"{value:.1f}%"
     if key in ("total_flops", "generation_flops"):
