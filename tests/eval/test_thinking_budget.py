@@ -18,8 +18,16 @@ from essence.config.load import load_config
 from essence.errors import EssenceError
 from essence.eval import run as run_module
 from essence.eval.benchmarks import load_benchmark
-from essence.eval.budget import CLOSE_TEXT, THINK_CLOSE, ThinkingBudget, find
-from essence.eval.generate import SamplingSettings
+from essence.eval.budget import (
+    CLOSE_TEXT,
+    THINK_CLOSE,
+    ThinkingBudget,
+    find,
+    is_forced,
+    summarize_budget,
+    thinking_tokens,
+)
+from essence.eval.generate import Sample, SamplingSettings
 from essence.eval.run import evaluate
 
 GSM8K = Path(__file__).resolve().parents[1] / "fixtures" / "benchmarks" / "gsm8k_schema.jsonl"
@@ -85,7 +93,7 @@ def test_a_model_that_closes_at_once_is_untouched(qwen3_tokenizer, tmp_path):
 
 def test_the_unbudgeted_result_is_the_plain_evaluation_and_the_summary_adds_up(
         qwen3_tokenizer, tmp_path):
-    model = tiny_model()  # random: some responses stop early, most run on
+    model = tiny_model()  # random: every response thinks on past N (mixed: the test below)
     plain, plain_details = run(model, qwen3_tokenizer, tmp_path / "plain")
     scores, details = run(model, qwen3_tokenizer, tmp_path / "b", thinking_budget=N,
                           answer_max_tokens=ANSWER)
@@ -134,6 +142,83 @@ def test_the_vllm_backend_applies_the_same_two_phases(qwen3_tokenizer, monkeypat
     for line in lines:
         got = ids(qwen3_tokenizer, line["responses"][0])
         assert line["forced"] == [True] and find(ids(qwen3_tokenizer, THINK_CLOSE), got) == N
+
+
+class ScriptedEngine:
+    """A stand-in vLLM engine: a prompt gets the response of the first script key its text ends
+    with (a phase-2 prompt ends with CLOSE_TEXT) or, failing that, contains."""
+
+    def __init__(self, tokenizer, script: dict[str, str]):
+        self.tokenizer, self.script, self.calls = tokenizer, script, []
+
+    def respond(self, prompt_ids: list[int]) -> list[int]:
+        text = self.tokenizer.decode(prompt_ids, skip_special_tokens=False)
+        key = next((k for k in self.script if text.endswith(k)), None)
+        key = key or next(k for k in self.script if k in text)
+        return ids(self.tokenizer, self.script[key] + "<|im_end|>")
+
+    def generate(self, inputs, params, use_tqdm):
+        self.calls.append(len(inputs))
+        return [types.SimpleNamespace(outputs=[types.SimpleNamespace(
+            token_ids=self.respond(x["prompt_token_ids"])[:p.max_tokens])])
+            for x, p in zip(inputs, params)]
+
+
+def test_the_summary_adds_up_when_only_some_responses_are_forced(qwen3_tokenizer, monkeypatch):
+    """The apples problem closes early and is right; the pencils one is right only after 30
+    thinking tokens, so the budget forces it and its forced answer is wrong: 1 of 2 forced,
+    accuracy 1.0 without the budget and 0.5 with it."""
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(
+        SamplingParams=lambda **kwargs: types.SimpleNamespace(**kwargs)))
+    problems = load_benchmark(str(GSM8K))
+    prompts = [f"<|im_start|>user\n{p.problem}<|im_end|>\n<|im_start|>assistant\n"
+               for p in problems]
+    engine = ScriptedEngine(qwen3_tokenizer, {
+        CLOSE_TEXT: "\\boxed{7}",
+        "apples": "<think>\nok" + CLOSE_TEXT + "\\boxed{3600}",
+        "pencils": "<think>" + " so" * 29 + CLOSE_TEXT + "\\boxed{26}",
+    })
+    settings = SamplingSettings(n=1, max_new_tokens=40, temperature=0)
+    lines = run_module._run_benchmark("b", problems, prompts, engine, qwen3_tokenizer, settings,
+                                      "vllm", 8, False, ThinkingBudget(N, ANSWER))
+    assert engine.calls == [2, 1]  # phase 1 for both problems, phase 2 for the forced one only
+    pencils, apples = lines  # the fixture's order
+    assert apples["forced"] == [False] and apples["responses"] == apples["unbudgeted_responses"]
+    assert pencils["forced"] == [True] and pencils["correct"] == [False]
+    assert pencils["unbudgeted_correct"] == [True]
+    assert pencils["responses"] == ["<think>" + " so" * (N - 1) + CLOSE_TEXT + "\\boxed{7}"]
+    short_thinking = len(ids(qwen3_tokenizer, "<think>\nok"))
+    assert pencils["unbudgeted_thinking_tokens"] == [30]
+    assert apples["thinking_tokens"] == apples["unbudgeted_thinking_tokens"] == [short_thinking]
+    budget = summarize_budget(lines, ThinkingBudget(N, ANSWER))
+    assert budget["forced"] == 1 and budget["forced_frac"] == 0.5
+    assert budget["pass@1"] == 0.5 and budget["pass@1_unbudgeted"] == 1.0
+    assert budget["thinking_tokens_mean"] == (N + short_thinking) / 2
+    assert budget["thinking_tokens_mean_unbudgeted"] == (30 + short_thinking) / 2
+
+
+def test_nothing_forced_means_no_second_phase(qwen3_tokenizer, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(
+        SamplingParams=lambda **kwargs: types.SimpleNamespace(**kwargs)))
+    problems = load_benchmark(str(GSM8K))
+    engine = ScriptedEngine(qwen3_tokenizer, {"": "<think>\nok" + CLOSE_TEXT + "\\boxed{1}"})
+    lines = run_module._run_benchmark("b", problems, [p.problem for p in problems], engine,
+                                      qwen3_tokenizer, SamplingSettings(n=1, temperature=0), "vllm",
+                                      8, False, ThinkingBudget(N, ANSWER))
+    assert engine.calls == [2] and [line["forced"] for line in lines] == [[False], [False]]
+
+
+@pytest.mark.parametrize("think, close, forced", [
+    (N, True, False),  # closed after exactly N thinking tokens: within the budget
+    (N + 1, True, True),  # closed one token too late
+    (N, False, False),  # ended (a stop token) after N tokens without closing
+    (N + 1, False, True),  # still going past N
+])
+def test_the_budget_boundary(think, close, forced):
+    word, close_id = 11, 151668
+    sample = Sample("", think + 1, False, tuple([word] * think + [close_id] * close))
+    assert is_forced(sample, [close_id], N) is forced
+    assert thinking_tokens(sample, [close_id]) == think
 
 
 def test_a_budget_below_one_is_refused_in_one_line(tmp_path, capsys):

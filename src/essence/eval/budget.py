@@ -14,9 +14,9 @@ student that knows the answer but never concludes gains accuracy under a budget.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from statistics import mean
-from typing import Callable
 
 from essence.errors import EssenceError
 from essence.eval.generate import Sample, SamplingSettings
@@ -87,8 +87,10 @@ def apply_budget(samples: list[list[Sample]], prompt_ids: list[list[int]], gener
     forced = [(i, s) for i, row in enumerate(samples) for s, sample in enumerate(row)
               if is_forced(sample, close, n)]
     heads = [list(samples[i][s].ids[:n]) + close_full for i, s in forced]
+    # Nothing forced, no phase 2: a backend is never asked for zero prompts.
     answers = generate([prompt_ids[i] + head for (i, _), head in zip(forced, heads)],
-                       replace(settings, n=1, max_new_tokens=budget.answer_max_tokens))
+                       replace(settings, n=1, max_new_tokens=budget.answer_max_tokens)
+                       ) if forced else []
     cut = {}
     for (i, s), head, (answer,) in zip(forced, heads, answers):
         ids = head + list(answer.ids)
