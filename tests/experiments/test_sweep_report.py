@@ -111,3 +111,22 @@ def test_report_errors(tmp_path):
     fake_run(tmp_path, "a", 1.0, 0.5, 10, 1.0, 1.0, 1)
     with pytest.raises(EssenceError, match="--baseline 'b' is not a run here"):
         collect(tmp_path, baseline="b")
+
+
+def test_the_first_table_names_the_cheapest_run_keeping_95_percent_beside_the_paper():
+    from essence.experiments.report import headline
+
+    rows = [{"run": "lsp-1.0", "retention_pct": 100.0, "flops_saving_pct": 0.0},
+            {"run": "lsp-0.5", "retention_pct": 12.0, "flops_saving_pct": 56.0},
+            {"run": "cot_lead-0.5", "retention_pct": 96.0, "flops_saving_pct": 38.0},
+            {"run": "base-student", "retention_pct": 13.0, "flops_saving_pct": None}]
+    text = headline(rows)
+    assert text.startswith("**cot_lead-0.5** is the cheapest run here keeping ≥ 95%: 96% at "
+                           "0.62× the FLOPs of LSP 1.0.")
+    table = text.split("\n\n")[1].splitlines()
+    assert table[2] == "| the paper: LSP 0.5 (Qwen3-8B → 4B) | ~94% | ~0.50× |"
+    assert table[3:] == ["| lsp-0.5 | 12% | 0.44× |", "| cot_lead-0.5 | 96% | 0.62× |",
+                         "| lsp-1.0 | 100% | 1.00× |"]
+    rows[2]["retention_pct"] = 90.0
+    assert headline(rows).startswith("No run cheaper than LSP 1.0 keeps 95% here; the best is "
+                                     "**cot_lead-0.5**, 90% at 0.62× the FLOPs.")
