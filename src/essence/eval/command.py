@@ -118,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         field_map=parse_field_map(args.field_map),
         thinking_budget=args.thinking_budget,
         answer_max_tokens=args.answer_max_tokens,
+        resumable=True,
     )
     print(f"wrote {args.out}/summary.json and {args.out}/details.jsonl")
     return 0

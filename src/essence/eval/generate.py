@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Literal
 
 from essence.errors import EssenceError
+from essence.faults import fault_point
 
 Backend = Literal["hf", "vllm"]
 
@@ -96,12 +97,18 @@ def generate_hf(
     *,
     batch_size: int = 8,
     progress: bool = True,
+    done: dict[tuple[int, int], Sample] | None = None,
+    on_batch: Callable[[list[tuple[int, int]], list[Sample]], None] | None = None,
+    before_batch: Callable[[], None] | None = None,
 ) -> list[list[Sample]]:
     """settings.n samples for each prompt with `model.generate`; [prompts][n] Samples.
 
     batch_size counts sequences (a prompt's n samples may span batches). Batches are seeded
     from settings.seed and their position, so the same seed, batch size and device reproduce
-    the same responses; the caller's random state is left untouched.
+    the same responses; the caller's random state is left untouched. A resumed evaluation
+    passes the responses it has (`done`, by (prompt, sample)): batches made only of those are
+    not generated again; `on_batch` gets each generated batch; `before_batch` runs before each
+    (it raises to stop).
     """
     import torch
 
@@ -123,6 +130,14 @@ def generate_hf(
     with _progress(len(prompts), progress) as advance:
         for batch_index, start in enumerate(range(0, len(jobs), batch_size)):
             batch = jobs[start : start + batch_size]
+            if done and all(job in done for job in batch):
+                for i, s in batch:
+                    results[i][s] = done[i, s]
+                advance(len(batch) / n)
+                continue
+            if before_batch is not None:
+                before_batch()
+            fault_point(f"generate-batch-{batch_index}")
             input_ids, attention_mask = _left_pad([encoded[i] for i, _ in batch], pad_id, device)
             with torch.random.fork_rng(devices=rng_devices), torch.inference_mode():
                 torch.manual_seed(settings.seed * 1_000_003 + batch_index)
@@ -135,6 +150,8 @@ def generate_hf(
                 )
             for (i, s), row in zip(batch, output[:, input_ids.shape[1] :].tolist()):
                 results[i][s] = to_sample(row, stop_ids, tokenizer)
+            if on_batch is not None:
+                on_batch(batch, [results[i][s] for i, s in batch])
             advance(len(batch) / n)
     return [row * (settings.n // n) for row in results]  # type: ignore[misc]  (all filled)
 

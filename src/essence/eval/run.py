@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,13 @@ from essence.eval.generate import (
     require_vllm,
 )
 from essence.eval.grading import grade_detail
+from essence.eval.progress import PARTIAL, Progress
 from essence.eval.prompting import build_prompt
 from essence.eval.results import details_line, print_table, summarize, write_results
 from essence.io import check_out_dir
 from essence.models.loading import load_causal_lm, load_tokenizer
 from essence.paths import resolve
+from essence.stopping import Stopped, StopRequest
 
 
 def evaluate(
@@ -48,6 +51,7 @@ def evaluate(
     progress: bool = True,
     thinking_budget: int | None = None,
     answer_max_tokens: int = 64,
+    resumable: bool = False,
 ) -> dict[str, Any]:
     """Sample `n` responses per problem of each benchmark, grade them, write and return the summary.
 
@@ -60,6 +64,8 @@ def evaluate(
     thinking_budget: close `</think>` after this many thinking tokens and let the model answer in
         at most answer_max_tokens (essence.eval.budget); the summary then has a "budget" block
         per benchmark with the accuracy and thinking tokens with and without it.
+    resumable: Ctrl-C or SIGTERM stops after the current batch, keeping what finished in
+        out_dir (essence.eval.progress), and the same call resumes it (`essence eval`).
     Returns the summary.json content: {"model", "settings", "benchmarks": {bench: scores}}.
     """
     settings = SamplingSettings(
@@ -104,32 +110,45 @@ def evaluate(
                                       "answer_max_tokens": budget.answer_max_tokens}),
     }
     summary: dict[str, Any] = {"model": model_name, "settings": run_settings, "benchmarks": {}}
+    keep = Progress(Path(out_dir), {"model": model_name, "settings": run_settings,
+                                    "benches": list(benches)}) if resumable else None
     lines: list[dict] = []
-    for bench, bench_problems in problems.items():
-        started = time.perf_counter()
-        bench_lines = _run_benchmark(
-            bench,
-            bench_problems,
-            prompts[bench],
-            model,
-            tokenizer,
-            settings,
-            backend,
-            batch_size,
-            progress,
-            budget,
-        )
-        lines += bench_lines
-        seconds = time.perf_counter() - started
-        summary["benchmarks"][bench] = summarize(
-            bench_lines, benchmark=bench, model=model_name, seconds=seconds
-        )
-        if budget is not None:
-            summary["benchmarks"][bench]["budget"] = summarize_budget(bench_lines, budget)
-        write_results(Path(out_dir), summary, lines)
+    with StopRequest("after this batch") if resumable else nullcontext() as stop:
+        for bench, bench_problems in problems.items():
+            reused = keep.finished(bench) if keep is not None else None
+            if reused is None:
+                started = time.perf_counter()
+                bench_lines = _run_benchmark(bench, bench_problems, prompts[bench], model,
+                                             tokenizer, settings, backend, batch_size, progress,
+                                             budget, _hooks(keep, bench, stop))
+                scores = summarize(bench_lines, benchmark=bench, model=model_name,
+                                   seconds=time.perf_counter() - started)
+                if budget is not None:
+                    scores["budget"] = summarize_budget(bench_lines, budget)
+            else:
+                scores, bench_lines = reused
+            summary["benchmarks"][bench] = scores
+            lines += bench_lines
+            write_results(Path(out_dir), summary, lines)
+    if keep is not None:
+        keep.close()
     if progress:
         print_table(list(summary["benchmarks"].values()))
     return summary
+
+
+def _hooks(keep: Progress | None, bench: str, stop: StopRequest | None) -> dict:
+    """generate_hf's resume and stop hooks for one benchmark of a resumable evaluation."""
+    if keep is None:
+        return {}
+
+    def before_batch() -> None:
+        if stop is not None and stop.requested:
+            raise Stopped(f"stopped: {keep.kept} responses are kept in {keep.out / PARTIAL}",
+                          stop.exit_code, resume="the same essence eval command")
+
+    return {"done": keep.samples(bench), "before_batch": before_batch,
+            "on_batch": lambda jobs, samples: keep.record(bench, jobs, samples)}
 
 
 def _run_benchmark(
@@ -143,16 +162,23 @@ def _run_benchmark(
     batch_size: int,
     progress: bool,
     budget: ThinkingBudget | None = None,
+    hooks: dict | None = None,
 ) -> list[dict]:
-    """Generate and grade one benchmark; its details lines."""
+    """Generate and grade one benchmark; its details lines. hooks: generate_hf's resume and stop
+    hooks for the plain generation (a stopped vLLM evaluation keeps its finished benchmarks)."""
+    hooks = hooks or {}
 
-    def generate(batch: list, sampling: SamplingSettings) -> list:
+    def generate(batch: list, sampling: SamplingSettings, **first) -> list:
+        if "before_batch" in hooks:
+            hooks["before_batch"]()
         if backend == "vllm":
             return generate_vllm(model, tokenizer, batch, sampling, progress=progress)
+        extra = {k: v for k, v in (("before_batch", hooks.get("before_batch")), *first.items())
+                 if v is not None}  # none when not resumable: the plain call
         return generate_hf(model, tokenizer, batch, sampling, batch_size=batch_size,
-                           progress=progress)
+                           progress=progress, **extra)
 
-    samples = generate(prompts, settings)
+    samples = generate(prompts, settings, done=hooks.get("done"), on_batch=hooks.get("on_batch"))
     if budget is not None:
         return budgeted_lines(bench, problems, prompts, samples, generate, tokenizer, settings,
                               budget)
