@@ -33,6 +33,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--out", required=True, metavar="DIR", help="folder for summary.json and details.jsonl"
     )
+    _generation_flags(parser)
+    _prompt_flags(parser)
+    parser.set_defaults(func=run)
+
+
+def _generation_flags(parser) -> None:
+    """How responses are sampled: n, length, temperature, backend, seed, batches, the budget."""
     parser.add_argument("--n", type=int, default=1, help="responses per problem (default 1)")
     parser.add_argument(
         "--max-new-tokens",
@@ -63,6 +70,25 @@ def add_parser(subparsers) -> None:
         help="sequences per generate call, hf backend (default 8)",
     )
     parser.add_argument(
+        "--thinking-budget",
+        type=int,
+        default=None,
+        metavar="N",
+        help="after N thinking tokens without </think>, close it and let the model answer; the "
+        "summary gives accuracy with and without the budget (default: no budget)",
+    )
+    parser.add_argument(
+        "--answer-max-tokens",
+        type=int,
+        default=64,
+        metavar="N",
+        help="with --thinking-budget: new tokens for the answer after a forced </think> (default 64)",
+    )
+
+
+def _prompt_flags(parser) -> None:
+    """What the prompts are made of: the benchmark's columns, the template, the instruction."""
+    parser.add_argument(
         "--field-map",
         default=None,
         metavar="problem=COL,answer=COL",
@@ -79,22 +105,6 @@ def add_parser(subparsers) -> None:
         default=DEFAULT_INSTRUCTION,
         help="text appended to each problem; '' for none (default: reason step by step, answer in \\boxed{})",
     )
-    parser.add_argument(
-        "--thinking-budget",
-        type=int,
-        default=None,
-        metavar="N",
-        help="after N thinking tokens without </think>, close it and let the model answer; the "
-        "summary gives accuracy with and without the budget (default: no budget)",
-    )
-    parser.add_argument(
-        "--answer-max-tokens",
-        type=int,
-        default=64,
-        metavar="N",
-        help="with --thinking-budget: new tokens for the answer after a forced </think> (default 64)",
-    )
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

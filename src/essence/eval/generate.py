@@ -110,8 +110,6 @@ def generate_hf(
     not generated again; `on_batch` gets each generated batch; `before_batch` runs before each
     (it raises to stop).
     """
-    import torch
-
     settings.check()
     if batch_size < 1:
         raise EssenceError(f"batch_size must be at least 1, got {batch_size}")
@@ -125,8 +123,6 @@ def generate_hf(
         ((i, s) for i in range(len(prompts)) for s in range(n)), key=lambda j: -len(encoded[j[0]])
     )
     results: list[list[Sample | None]] = [[None] * n for _ in prompts]
-    device = model.device
-    rng_devices = [device.index or 0] if device.type == "cuda" else []
     with _progress(len(prompts), progress) as advance:
         for batch_index, start in enumerate(range(0, len(jobs), batch_size)):
             batch = jobs[start : start + batch_size]
@@ -138,22 +134,30 @@ def generate_hf(
             if before_batch is not None:
                 before_batch()
             fault_point(f"generate-batch-{batch_index}")
-            input_ids, attention_mask = _left_pad([encoded[i] for i, _ in batch], pad_id, device)
-            with torch.random.fork_rng(devices=rng_devices), torch.inference_mode():
-                torch.manual_seed(settings.seed * 1_000_003 + batch_index)
-                output = model.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    pad_token_id=pad_id,
-                    eos_token_id=stop_ids,
-                    **_hf_sampling_kwargs(settings),
-                )
-            for (i, s), row in zip(batch, output[:, input_ids.shape[1] :].tolist()):
+            rows = _generate_batch(model, [encoded[i] for i, _ in batch], settings, batch_index,
+                                   pad_id, stop_ids)
+            for (i, s), row in zip(batch, rows):
                 results[i][s] = to_sample(row, stop_ids, tokenizer)
             if on_batch is not None:
                 on_batch(batch, [results[i][s] for i, s in batch])
             advance(len(batch) / n)
     return [row * (settings.n // n) for row in results]  # type: ignore[misc]  (all filled)
+
+
+def _generate_batch(model, prompts: list[list[int]], settings: SamplingSettings, index: int,
+                    pad_id: int, stop_ids: list[int]) -> list[list[int]]:
+    """The new token ids of one left-padded batch, seeded by the batch's position."""
+    import torch
+
+    device = model.device
+    input_ids, attention_mask = _left_pad(prompts, pad_id, device)
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices), torch.inference_mode():
+        torch.manual_seed(settings.seed * 1_000_003 + index)
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                pad_token_id=pad_id, eos_token_id=stop_ids,
+                                **_hf_sampling_kwargs(settings))
+    return output[:, input_ids.shape[1]:].tolist()
 
 
 def load_vllm(model_path: str, *, tokenizer_path: str | None = None, seed: int = 0):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -80,48 +81,44 @@ def evaluate(
     # fails in seconds rather than after minutes of loading.
     problems = {bench: load_benchmark(bench, field_map=field_map, limit=limit) for bench in benches}
     model, tokenizer, model_name = _resolve(model, tokenizer, backend)
-    prompts = {
-        bench: [
-            build_prompt(
-                tokenizer,
-                p.problem,
-                instruction=instruction,
-                system=system,
-                chat_template=chat_template,
-            )
-            for p in bench_problems
-        ]
-        for bench, bench_problems in problems.items()
-    }
+    prompts = {bench: [build_prompt(tokenizer, p.problem, instruction=instruction, system=system,
+                                    chat_template=chat_template) for p in bench_problems]
+               for bench, bench_problems in problems.items()}
     if backend == "hf" and isinstance(model, str):
         model = _load_weights(model)
     elif backend == "vllm":
         model = load_vllm(model, tokenizer_path=_path_or_none(tokenizer), seed=seed)
 
     run_settings = {
-        **asdict(settings),
-        "backend": backend,
-        "limit": limit,
-        "batch_size": batch_size,
-        "instruction": instruction,
-        "system": system,
-        "chat_template": chat_template,
+        **asdict(settings), "backend": backend, "limit": limit, "batch_size": batch_size,
+        "instruction": instruction, "system": system, "chat_template": chat_template,
         **({} if budget is None else {"thinking_budget": budget.thinking,
                                       "answer_max_tokens": budget.answer_max_tokens}),
     }
     summary: dict[str, Any] = {"model": model_name, "settings": run_settings, "benchmarks": {}}
     keep = Progress(Path(out_dir), {"model": model_name, "settings": run_settings,
                                     "benches": list(benches)}) if resumable else None
+    run = partial(_run_benchmark, model=model, tokenizer=tokenizer, settings=settings,
+                  backend=backend, batch_size=batch_size, progress=progress, budget=budget)
+    _run_all(problems, prompts, run, summary, Path(out_dir), keep, budget)
+    if progress:
+        print_table(list(summary["benchmarks"].values()))
+    return summary
+
+
+def _run_all(problems: dict, prompts: dict, run, summary: dict, out_dir: Path,
+             keep: Progress | None, budget: ThinkingBudget | None) -> None:
+    """Every benchmark in turn (a finished one of a stopped evaluation reused), the results
+    rewritten after each; `keep` (a resumable evaluation) stops on Ctrl-C after a batch."""
     lines: list[dict] = []
-    with StopRequest("after this batch") if resumable else nullcontext() as stop:
+    with StopRequest("after this batch") if keep is not None else nullcontext() as stop:
         for bench, bench_problems in problems.items():
             reused = keep.finished(bench) if keep is not None else None
             if reused is None:
                 started = time.perf_counter()
-                bench_lines = _run_benchmark(bench, bench_problems, prompts[bench], model,
-                                             tokenizer, settings, backend, batch_size, progress,
-                                             budget, _hooks(keep, bench, stop))
-                scores = summarize(bench_lines, benchmark=bench, model=model_name,
+                bench_lines = run(bench, bench_problems, prompts[bench],
+                                  hooks=_hooks(keep, bench, stop))
+                scores = summarize(bench_lines, benchmark=bench, model=summary["model"],
                                    seconds=time.perf_counter() - started)
                 if budget is not None:
                     scores["budget"] = summarize_budget(bench_lines, budget)
@@ -129,12 +126,9 @@ def evaluate(
                 scores, bench_lines = reused
             summary["benchmarks"][bench] = scores
             lines += bench_lines
-            write_results(Path(out_dir), summary, lines)
+            write_results(out_dir, summary, lines)
     if keep is not None:
         keep.close()
-    if progress:
-        print_table(list(summary["benchmarks"].values()))
-    return summary
 
 
 def _hooks(keep: Progress | None, bench: str, stop: StopRequest | None) -> dict:
