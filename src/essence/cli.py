@@ -181,7 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _data_parsers(sub)
+    _run_parsers(sub)
 
+    from essence.eval.command import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
+    _experiment_parsers(sub)
+    return parser
+
+
+def _run_parsers(sub) -> None:
+    """train, sweep and report: one run, a grid of runs, and the table across them."""
     train = sub.add_parser("train", help="distill a student (see configs/)")
     train.add_argument("config", help="experiment YAML file")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
@@ -192,10 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--accept-changed-data", action="store_true",
                        help="--resume although data.source changed since the run started")
     train.set_defaults(func=_train)
-
-    from essence.eval.command import add_parser as add_eval_parser
-
-    add_eval_parser(sub)
 
     sweep = sub.add_parser("sweep", help="train (and evaluate) every point of a grid")
     sweep.add_argument("config", help="experiment YAML file (or essence:demo.yaml)")
@@ -213,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--baseline", default=None, help="run to compare against (default lsp=1)")
     report.set_defaults(func=_report)
 
+
+def _experiment_parsers(sub) -> None:
+    """demo, models, teacher, analyze, study and frontier."""
     demo = sub.add_parser("demo", help="the whole method on the embedded task, on CPU")
     demo.add_argument("--out", default="runs/demo", help="where runs and the report go")
     demo.add_argument("--quick", action="store_true", help="a smaller version (~2 minutes)")
@@ -240,7 +249,6 @@ def build_parser() -> argparse.ArgumentParser:
     from essence.experiments.frontier_command import add_parser as add_frontier_parser
 
     add_frontier_parser(sub)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,22 +70,14 @@ def _check_not_busy(run_dir: Path, name: str) -> None:
                          "wait for it to finish, or sweep into another --out")
 
 
-def run_sweep(config_path: str, grid: list[str], out: str | Path,
-              overrides: list[str] = (), overwrite: bool = False) -> dict[str, str]:
-    """Train every grid point not yet complete; returns each point's final status.
-
-    A point whose directory holds a run started under other settings is refused (naming the
-    differing keys) before any point trains; overwrite=True deletes such a point and redoes it.
-    """
-    from essence.train.run import train
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    points = parse_grid(grid)
-    group = f"train.run_group={out.resolve().name}"  # the trackers group a sweep's points
+def _check_points(config_path: str, points: list, out: Path, overrides: list[str],
+                  overwrite: bool) -> None:
+    """Validate every point before spending compute on the first: a point run under other
+    settings or on other data is refused (overwrite: deleted, to be redone), and one that
+    another command is writing is refused."""
     stale = []
-    for point in points:  # validate every point before spending compute on the first
-        config = load_config(config_path, [group, *overrides, *point.overrides])
+    for point in points:
+        config = load_config(config_path, [*overrides, *point.overrides])
         _check_not_busy(out / point.name, point.name)
         try:
             check_unchanged(out / point.name / "config.yaml", config, f"sweep point {point.name}",
@@ -101,6 +93,22 @@ def run_sweep(config_path: str, grid: list[str], out: str | Path,
     for name in stale:
         print(f"essence sweep: {name} was run under other settings; --overwrite: redoing it")
         shutil.rmtree(out / name)
+
+
+def run_sweep(config_path: str, grid: list[str], out: str | Path,
+              overrides: list[str] = (), overwrite: bool = False) -> dict[str, str]:
+    """Train every grid point not yet complete; returns each point's final status.
+
+    A point whose directory holds a run started under other settings is refused (naming the
+    differing keys) before any point trains; overwrite=True deletes such a point and redoes it.
+    """
+    from essence.train.run import train
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    points = parse_grid(grid)
+    group = f"train.run_group={out.resolve().name}"  # the trackers group a sweep's points
+    _check_points(config_path, points, out, [group, *overrides], overwrite)
     results = {}
     for i, point in enumerate(points, 1):
         run_dir = out / point.name
