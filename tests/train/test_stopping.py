@@ -160,4 +160,6 @@ def test_a_full_disk_during_eval_is_one_line_and_keeps_the_results_before(
     said = [line for line in err.splitlines() if line.startswith("essence:")]
     assert code == 2 and len(said) == 1 and "Traceback" not in err, err
     assert f"could not write {out / 'details.jsonl'} (No space left on device)" in err
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {name: after[name] for name in before} == before
+    assert set(after) - set(before) == {"partial.json", "partial.jsonl"}  # kept for the rerun
