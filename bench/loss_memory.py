@@ -86,7 +86,8 @@ def make_inputs(args: argparse.Namespace, tokens: int, vocab: int) -> dict:
 
 def loss_step(variant: str, inputs: dict, chunk: int) -> float:
     """One forward + backward of the loss; returns its value."""
-    from essence.loss.fused import distill_loss_sums, naive_distill_loss_sums
+    from essence.loss.fused import distill_loss_sums
+    from essence.loss.naive import naive_distill_loss_sums
 
     for name in ("student_hidden", "student_head"):
         inputs[name].grad = None

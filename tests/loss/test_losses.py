@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from essence.loss.divergences import DIVERGENCES, divergence
-from essence.loss.fused import distill_loss_sums, naive_distill_loss_sums
+from essence.loss.fused import distill_loss_sums
+from essence.loss.naive import naive_distill_loss_sums
 
 # Every kind with its default parameters, plus non-default and boundary parameters.
 CASES = [(kind, {}) for kind in DIVERGENCES] + [

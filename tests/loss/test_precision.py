@@ -15,7 +15,8 @@ from test_losses import CASES, IDS, assert_same, problem, run
 
 from essence.config.load import load_config
 from essence.config.schema import TrainConfig
-from essence.loss.fused import distill_loss_sums, naive_distill_loss_sums
+from essence.loss.fused import distill_loss_sums
+from essence.loss.naive import naive_distill_loss_sums
 from essence.train.run import train
 
 REPO = Path(__file__).resolve().parents[2]

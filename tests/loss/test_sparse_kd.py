@@ -150,7 +150,8 @@ def test_sampled_forward_kl_is_unbiased_by_exact_enumeration():
 def test_fused_sparse_loss_equals_the_plain_one_and_refuses_another_temperature(kind):
     """distill_loss_sums with sparse targets (chunked, analytic gradients) against the plain
     autograd version; targets stored at one τ are refused by a loss at another."""
-    from essence.loss.fused import distill_loss_sums, naive_distill_loss_sums
+    from essence.loss.fused import distill_loss_sums
+    from essence.loss.naive import naive_distill_loss_sums
 
     torch.manual_seed(3)
     n, hidden, vocab, k, tau = 11, 8, 30, 5, 2.0

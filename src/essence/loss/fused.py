@@ -2,8 +2,8 @@
 
 ``distill_loss_sums`` starts from the final hidden states and the LM-head weights, walks the
 supervised tokens in chunks, and never holds [tokens × vocab] for the whole micro-batch.
-``naive_distill_loss_sums`` is the same loss written plainly (full logits, autograd); tests
-and bench/loss_memory.py compare the two. Divergence conventions: see ``essence.loss.divergences``.
+``essence.loss.naive`` is the same loss written plainly (full logits, autograd); tests and
+bench/loss_memory.py compare the two. Divergence conventions: see ``essence.loss.divergences``.
 
 Gradients: see ``essence.loss.gradients``.
 
@@ -19,7 +19,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -29,15 +28,12 @@ from essence.loss.divergences import (
     TeacherLogitsFn,
     _check_temperature,
     _compared_width,
-    _first_columns,
-    divergence,
     divergence_params,
 )
 from essence.loss.gradients import _divergence_and_grad
 from essence.loss.sparse_kd import (
     SparseTargets,
     check_sparse,
-    sparse_divergence,
     sparse_divergence_and_grad,
 )
 
@@ -359,48 +355,3 @@ def distill_loss_sums(student_hidden: Tensor, student_head: Tensor, teacher_hidd
                                             spec, False, False)
         return nll_sum, kd_sum
     return _FusedDistillLoss.apply(student_hidden, student_head, labels, nll_mask, kd_mask, spec)
-
-
-def naive_distill_loss_sums(student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor | None,
-                            teacher_head: Tensor | None, labels: Tensor, nll_mask: Tensor,
-                            kd_mask: Tensor, *,
-                            kind: Divergence, temperature: float = 1.0, vocab_size: int | None = None,
-                            chunk_size: int = 1024, params: dict[str, float] | None = None,
-                            teacher_logits_fn: TeacherLogitsFn | None = None,
-                            loss_weights: tuple[float, float] | None = None,
-                            sparse_teacher: SparseTargets | None = None,
-                            row_weights: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """The same sums as distill_loss_sums, written plainly: full [N, V] logits and autograd.
-
-    The reference for tests and bench/loss_memory.py. chunk_size and loss_weights are accepted
-    for an identical signature and ignored.
-    """
-    spec = _make_spec(student_hidden, student_head, teacher_hidden, teacher_head, labels, nll_mask,
-                      kd_mask, kind, temperature, vocab_size, chunk_size, params, teacher_logits_fn,
-                      None, sparse_teacher, row_weights)
-    with _fp32_region(student_hidden.device):
-        return _naive_sums(student_hidden, student_head, teacher_hidden, teacher_head, labels,
-                           nll_mask, kd_mask, spec, teacher_logits_fn)
-
-
-def _naive_sums(student_hidden, student_head, teacher_hidden, teacher_head, labels, nll_mask,
-                kd_mask, spec: _Spec, teacher_logits_fn) -> tuple[Tensor, Tensor]:
-    v = spec.vocab
-    logits = student_hidden.float() @ _first_columns(student_head.T, v).float()
-    nll_w, kd_w = (1.0, 1.0) if spec.row_weights is None else spec.row_weights
-    nll_sum = (F.cross_entropy(logits, labels.where(nll_mask, IGNORE_INDEX), ignore_index=IGNORE_INDEX,
-                               reduction="none") * nll_w).sum()
-    if not bool(kd_mask.any()):
-        return nll_sum, logits.sum() * 0.0
-    if spec.sparse is not None:
-        per_token = sparse_divergence(logits, spec.sparse, spec.kind, temperature=spec.temperature,
-                                      **spec.params)
-        return nll_sum, torch.where(kd_mask, per_token * kd_w, 0.0).sum()
-    with torch.no_grad():
-        if teacher_logits_fn is not None:
-            teacher_logits = teacher_logits_fn(torch.arange(student_hidden.shape[0], device=labels.device))
-        else:
-            teacher_logits = teacher_hidden.float() @ _first_columns(teacher_head.T, v).float()
-    per_token = divergence(logits, teacher_logits, spec.kind, temperature=spec.temperature,
-                           vocab_size=v, **spec.params)
-    return nll_sum, torch.where(kd_mask, per_token * kd_w, 0.0).sum()
