@@ -232,3 +232,11 @@ def test_a_budget_below_one_is_refused_in_one_line(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1, err
     assert "--thinking-budget (eval.thinking_budget) must be an integer ≥ 1, got 0" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_bad_answer_cap_is_refused_even_without_a_budget(tmp_path, capsys):
+    code = main(["eval", "--model", "essence:demo/student", "--bench", str(GSM8K),
+                 "--answer-max-tokens", "0", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "--answer-max-tokens (eval.answer_max_tokens) must be an integer ≥ 1, got 0" in err

@@ -76,6 +76,8 @@ def evaluate(
     budget = None if thinking_budget is None else ThinkingBudget(thinking_budget, answer_max_tokens)
     if budget is not None:
         budget.check()
+    elif not isinstance(answer_max_tokens, int) or answer_max_tokens < 1:  # a typo, even unused
+        ThinkingBudget(1, answer_max_tokens).check()
     check_out_dir(out_dir)  # a read-only or mistyped --out fails now, not after generating
     # Files, tokenizer and prompts are all checked before the weights load, so a mistake
     # fails in seconds rather than after minutes of loading.
@@ -163,9 +165,9 @@ def _run_benchmark(
     hooks = hooks or {}
 
     def generate(batch: list, sampling: SamplingSettings, **first) -> list:
-        if "before_batch" in hooks:
-            hooks["before_batch"]()
-        if backend == "vllm":
+        if backend == "vllm":  # one call per benchmark: the stop is checked before it
+            if "before_batch" in hooks:
+                hooks["before_batch"]()
             return generate_vllm(model, tokenizer, batch, sampling, progress=progress)
         extra = {k: v for k, v in (("before_batch", hooks.get("before_batch")), *first.items())
                  if v is not None}  # none when not resumable: the plain call

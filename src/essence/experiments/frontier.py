@@ -29,7 +29,8 @@ from essence.experiments.frontier_stats import (
     narrow,
     retention,
 )
-from essence.experiments.report import accuracy_of
+from essence.experiments.report import accuracy_of, bench_scores
+from essence.experiments.sweep import train_with_cache
 from essence.io import FolderLock, check_out_dir, write_json_atomic
 from essence.stopping import Stopped
 from essence.train.provenance import check_data_unchanged
@@ -122,24 +123,16 @@ def teacher_overrides(config_path: str, overrides: list[str], requested: str | N
 
 
 def train_point(config: Config, run_dir: Path) -> dict:
-    """The real runner: build the teacher cache if needed, then train (and evaluate) the run,
-    resuming it when an earlier attempt left its config or a checkpoint."""
-    from essence.train.run import train
-
-    if config.model.teacher_cache and config.loss.kd_ratio > 0:
-        from essence.teacher.cache_build import ensure_cache
-
-        ensure_cache(config, progress=config.train.progress)  # one per fingerprint
+    """The real runner: train (and evaluate) the run as a sweep point does, resuming it when an
+    earlier attempt left its config or a checkpoint."""
     resume = (run_dir / "config.yaml").is_file() or (run_dir / "checkpoints" / "latest").is_file()
-    return train(config, run_dir, resume=resume)
+    return train_with_cache(config, run_dir, resume)
 
 
 def scores(summary: dict, where: Path) -> tuple[float, int]:
     """(mean pass@1 over the benchmarks, problems evaluated) of a run's summary."""
     accuracy = accuracy_of(summary)
-    results = summary.get("eval") or {}
-    benches = results.get("benchmarks", results) if isinstance(results, dict) else {}
-    problems = sum(int(b.get("num_problems") or 0) for b in benches.values() if isinstance(b, dict))
+    problems = sum(int(b.get("num_problems") or 0) for b in bench_scores(summary))
     if accuracy is None or problems < 1:
         raise EssenceError(f"{where} has no eval accuracy: the frontier compares accuracies; set "
                            "eval.benches in the config (or pass --baseline runs that were evaluated)")

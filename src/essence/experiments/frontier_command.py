@@ -39,6 +39,14 @@ def parse_families(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def _integer(text: str, what: str, example: str) -> int:
+    """int(text), or one line: 'WHAT is not an integer; e.g. EXAMPLE'."""
+    try:
+        return int(text)
+    except ValueError:
+        raise EssenceError(f"{what} is not an integer; e.g. {example}") from None
+
+
 def parse_seeds(text: str) -> tuple[int, ...]:
     """--seeds: one or more distinct non-negative integers, e.g. 0,1."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
@@ -46,10 +54,7 @@ def parse_seeds(text: str) -> tuple[int, ...]:
         raise EssenceError(f"--seeds {text!r} names no seed; give at least one, e.g. --seeds 0,1")
     seeds = []
     for part in parts:
-        try:
-            seed = int(part)
-        except ValueError:
-            raise EssenceError(f"--seeds {text!r}: {part!r} is not an integer; e.g. --seeds 0,1") from None
+        seed = _integer(part, f"--seeds {text!r}: {part!r}", "--seeds 0,1")
         if seed < 0:
             raise EssenceError(f"--seeds {text!r}: {seed} is negative; seeds are integers ≥ 0")
         seeds.append(seed)
@@ -60,10 +65,7 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 
 def parse_steps(text: str) -> int:
     """--steps: bisection probes per family, at least 1."""
-    try:
-        steps = int(text)
-    except ValueError:
-        raise EssenceError(f"--steps {text!r} is not an integer; e.g. --steps 3") from None
+    steps = _integer(text, f"--steps {text!r}", "--steps 3")
     if steps < 1:
         raise EssenceError(f"--steps {steps} must be at least 1 (bisection probes per family)")
     return steps

@@ -50,9 +50,7 @@ def columns(rows: list[dict]) -> tuple[str, ...]:
 
 def budget_of(summary: dict) -> dict:
     """Means over benchmarks of the thinking-budget block (empty: evaluated without a budget)."""
-    results = summary.get("eval") or {}
-    benches = results.get("benchmarks", results) if isinstance(results, dict) else {}
-    blocks = [b["budget"] for b in benches.values() if isinstance(b, dict) and "budget" in b]
+    blocks = [b["budget"] for b in bench_scores(summary) if "budget" in b]
     if not blocks:
         return {}
 
@@ -74,11 +72,16 @@ HEADERS = {"sampling": "sampling", "generation_flops": "gen FLOPs", "generation_
            "thinking_tokens_unbudgeted": "think tok (no budget)", "forced_pct": "forced"}
 
 
-def accuracy_of(summary: dict) -> float | None:
-    """Mean pass@1 over the run's evaluated benchmarks (None when it was not evaluated)."""
+def bench_scores(summary: dict) -> list[dict]:
+    """The per-benchmark score blocks of a run's evaluation (empty when it was not evaluated)."""
     results = summary.get("eval") or {}
     benches = results.get("benchmarks", results) if isinstance(results, dict) else {}
-    scores = [b["pass@1"] for b in benches.values() if isinstance(b, dict) and "pass@1" in b]
+    return [b for b in benches.values() if isinstance(b, dict)]
+
+
+def accuracy_of(summary: dict) -> float | None:
+    """Mean pass@1 over the run's evaluated benchmarks (None when it was not evaluated)."""
+    scores = [b["pass@1"] for b in bench_scores(summary) if "pass@1" in b]
     return sum(scores) / len(scores) if scores else None
 
 

@@ -70,6 +70,18 @@ def _check_not_busy(run_dir: Path, name: str) -> None:
                          "wait for it to finish, or sweep into another --out")
 
 
+def train_with_cache(config, run_dir: Path, resume: bool) -> dict:
+    """Train one point, building (or reusing) its teacher cache first when it reads one: one
+    cache per fingerprint serves every point of a sweep or a frontier search."""
+    from essence.train.run import train
+
+    if config.model.teacher_cache and config.loss.kd_ratio > 0:
+        from essence.teacher.cache_build import ensure_cache
+
+        ensure_cache(config, progress=config.train.progress)
+    return train(config, run_dir, resume=resume)
+
+
 def _check_points(config_path: str, points: list, out: Path, overrides: list[str],
                   overwrite: bool) -> None:
     """Validate every point before spending compute on the first: a point run under other
@@ -102,7 +114,6 @@ def run_sweep(config_path: str, grid: list[str], out: str | Path,
     A point whose directory holds a run started under other settings is refused (naming the
     differing keys) before any point trains; overwrite=True deletes such a point and redoes it.
     """
-    from essence.train.run import train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -123,11 +134,7 @@ def run_sweep(config_path: str, grid: list[str], out: str | Path,
         try:
             # The point's folder is this sweep's own (its config matched above): continue it.
             resume = status != "new" or (run_dir / "config.yaml").is_file()
-            if config.model.teacher_cache and config.loss.kd_ratio > 0:
-                from essence.teacher.cache_build import ensure_cache
-
-                ensure_cache(config, progress=config.train.progress)  # one per fingerprint
-            train(config, run_dir, resume=resume)
+            train_with_cache(config, run_dir, resume)
             results[point.name] = "complete"
         except RunDirBusy:  # another command writes there: neither record a failure nor go on
             raise
