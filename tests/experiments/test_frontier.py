@@ -208,6 +208,16 @@ def test_bad_flags_are_one_line(flags, flag, tmp_path, capsys):
     assert not (tmp_path / "f").exists()  # refused before anything was written
 
 
+def test_a_missing_baseline_is_refused_before_out_is_claimed(tmp_path, capsys):
+    """A typo in --baseline must not leave a settings file that refuses the corrected command."""
+    out = tmp_path / "f"
+    assert main(["frontier", CONFIG, *OVERRIDES, "--out", str(out), "--baseline",
+                 str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"essence: error: {tmp_path / 'nope'} has no summary.json: pass the folder of a finished run"
+    assert not out.exists()
+
+
 def test_config_without_benchmarks_is_refused(tmp_path):
     with pytest.raises(EssenceError, match="eval.benches"):
         run_frontier(CONFIG, [], tmp_path, FrontierOptions(), run_point=Stub())

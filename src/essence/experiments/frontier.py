@@ -326,6 +326,9 @@ def run_frontier(config_path: str, overrides: list[str], out: str | Path,
     search = Search(str(config_path), [*overrides, group, *teacher], options, out, run_point)
     for family in options.families:  # every recipe's config is valid before the first run
         search.config(family, 0.5, options.seeds[0])
+    for text in options.baseline:  # and so is every --baseline run, before --out is claimed
+        summary = read_summary(Path(text))
+        scores(summary, Path(text)), cost(summary, Path(text))
     settings = {"config": str(config_path), "overrides": overrides, "base_config": to_dict(base),
                 "target": options.target, "families": list(options.families),
                 "seeds": list(options.seeds), "steps": options.steps,
